@@ -1,0 +1,42 @@
+"""One upstream login: the upstream tokens behind a family of proxy tokens (a grant, or session)."""
+
+import uuid
+
+from django.db import models
+
+from ..fields import EncryptedTextField
+from .clients import Client
+from .servers import McpServer
+
+
+class UpstreamSession(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    server = models.ForeignKey(McpServer, on_delete=models.CASCADE, related_name="sessions")
+    client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="sessions")
+    subject = models.CharField(
+        max_length=255, db_index=True, help_text="Who logged in, as the upstream identifies them."
+    )
+    subject_source = models.CharField(max_length=16, default="opaque")  # id_token, userinfo or opaque
+    scope = models.TextField(blank=True, help_text="Scopes the upstream granted.")
+    access_token = EncryptedTextField()
+    refresh_token = EncryptedTextField()
+    token_type = models.CharField(max_length=40, default="Bearer")
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the upstream access token expires (empty: no expiry given)."
+    )
+    refresh_count = models.PositiveIntegerField(default=0)
+    refreshed_at = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    revoked_reason = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["server", "created"]), models.Index(fields=["client", "created"])]
+
+    def __str__(self) -> str:
+        return f"{self.subject} via {self.client_id} at {self.server_id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

@@ -1,0 +1,1 @@
+"""django-oauth-toolkit swap points only: the validator, the scopes backend."""

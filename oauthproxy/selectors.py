@@ -1,0 +1,16 @@
+"""Read-side queries, kept in one place so views and admin ask the same question the same way."""
+
+from django.db.models import QuerySet
+
+from .models import McpServer
+
+
+def servers_visible_to(*, user) -> QuerySet[McpServer]:
+    """Superusers see every server; other staff see their teams' servers only."""
+    if user.is_superuser:
+        return McpServer.objects.all()
+    return McpServer.objects.filter(team__in=user.groups.all())
+
+
+def server_get_enabled(*, slug: str) -> McpServer | None:
+    return McpServer.objects.filter(slug=slug, enabled=True).first()

@@ -1,0 +1,102 @@
+"""Create, update, import and export MCP server configurations."""
+
+from dataclasses import dataclass, field
+
+from django.db import transaction
+
+from ..documents import DOCUMENT_FIELDS, ServerDocumentSerializer
+from ..models import McpServer
+
+
+class ServerDocumentError(Exception):
+    """One or more documents are invalid; ``errors`` lists (document index, field, message)."""
+
+    def __init__(self, errors: list[tuple[int, str, str]]):
+        self.errors = errors
+        super().__init__(f"{len(errors)} error(s) in the server configuration")
+
+
+@dataclass
+class ImportReport:
+    created: list[str] = field(default_factory=list)
+    changed: dict[str, list[str]] = field(default_factory=dict)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def _flatten_errors(index: int, detail, prefix: str = "") -> list[tuple[int, str, str]]:
+    if isinstance(detail, dict):
+        out = []
+        for key, value in detail.items():
+            name = "" if key == "non_field_errors" else (f"{prefix}.{key}" if prefix else str(key))
+            out.extend(_flatten_errors(index, value, name))
+        return out
+    if isinstance(detail, list) and detail and all(not isinstance(d, (dict, list)) for d in detail):
+        return [(index, prefix, str(message)) for message in detail]
+    if isinstance(detail, list):
+        out = []
+        for position, value in enumerate(detail):
+            if value:
+                out.extend(_flatten_errors(index, value, f"{prefix}[{position}]"))
+        return out
+    return [(index, prefix, str(detail))]
+
+
+def server_document(*, server: McpServer) -> dict:
+    """The configuration document of a server, without its secret."""
+    return dict(ServerDocumentSerializer(server).data)
+
+
+def servers_import(*, documents: list) -> ImportReport:
+    """Create or update servers by slug, all or nothing. Raises ServerDocumentError listing every problem."""
+    if not isinstance(documents, list):
+        raise ServerDocumentError([(-1, "", "The file must contain a list of server objects.")])
+    errors: list[tuple[int, str, str]] = []
+    seen: dict[str, int] = {}
+    validated: list[tuple[McpServer | None, dict]] = []
+    existing = {s.slug: s for s in McpServer.objects.filter(
+        slug__in=[d.get("slug") for d in documents if isinstance(d, dict) and isinstance(d.get("slug"), str)]
+    )}
+    for index, document in enumerate(documents):
+        if not isinstance(document, dict):
+            errors.append((index, "", "Each entry must be an object (a mapping of field names to values)."))
+            continue
+        unknown = sorted(set(document) - set(DOCUMENT_FIELDS))
+        for name in unknown:
+            errors.append((index, name, f"Unknown field. Known fields: {', '.join(DOCUMENT_FIELDS)}."))
+        slug = document.get("slug")
+        if isinstance(slug, str):
+            if slug in seen:
+                errors.append((index, "slug", f"Duplicate slug {slug!r} (also entry {seen[slug] + 1})."))
+            seen[slug] = index
+        instance = existing.get(slug) if isinstance(slug, str) else None
+        serializer = ServerDocumentSerializer(instance=instance, data=document, partial=instance is not None)
+        if not serializer.is_valid():
+            errors.extend(_flatten_errors(index, serializer.errors))
+            continue
+        validated.append((instance, serializer.validated_data))
+    if errors:
+        raise ServerDocumentError(errors)
+
+    report = ImportReport()
+    with transaction.atomic():
+        for instance, data in validated:
+            if instance is None:
+                server = McpServer(**data)
+                server.full_clean()
+                server.save()
+                report.created.append(server.slug)
+                continue
+            changed = [name for name, value in data.items() if getattr(instance, name) != value]
+            if not changed:
+                report.unchanged.append(instance.slug)
+                continue
+            for name in changed:
+                setattr(instance, name, data[name])
+            instance.save()
+            report.changed[instance.slug] = changed
+    return report
+
+
+def servers_export(*, queryset=None) -> list[dict]:
+    servers = (queryset if queryset is not None else McpServer.objects.all()).select_related("team")
+    return [server_document(server=server) for server in servers.order_by("slug")]

@@ -1,0 +1,13 @@
+"""``make run``: zero-setup development server (SQLite unless DATABASE_URL is set)."""
+
+import os
+
+from .base import *  # noqa: F401,F403
+from .env import env_bool, env_list
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = os.environ.get("SECRET_KEY") or "insecure-local-development-key-change-me"  # noqa: F405
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["*"])
+if not PROXY_ENCRYPTION_KEYS:  # noqa: F405
+    # A fixed development key so `make run` works without setup. Never use it in production.
+    PROXY_ENCRYPTION_KEYS = ["bG9jYWwtZGV2ZWxvcG1lbnQta2V5LTMyLWJ5dGVzISE="]

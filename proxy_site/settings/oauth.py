@@ -1,0 +1,51 @@
+"""OAuth settings: django-oauth-toolkit's swap points and the proxy's own knobs.
+
+Per-server values (endpoints, credentials, lifetimes) live in the database, never here.
+"""
+
+from .env import env_bool, env_int
+
+# The client model is swapped in oauthproxy's first migration: each client is bound to one MCP
+# server. Tokens, codes and id tokens are swapped too so each can point at its upstream session.
+OAUTH2_PROVIDER_APPLICATION_MODEL = "oauthproxy.Client"
+OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL = "oauthproxy.AccessToken"
+OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL = "oauthproxy.RefreshToken"
+OAUTH2_PROVIDER_GRANT_MODEL = "oauthproxy.Grant"
+OAUTH2_PROVIDER_ID_TOKEN_MODEL = "oauthproxy.IDToken"
+
+OAUTH2_PROVIDER = {
+    "PKCE_REQUIRED": True,
+    "COMPLIANT_BCP_RFC9700_PKCE_METHOD": True,
+    "COMPLIANT_BCP_RFC9700_IMPLICIT_GRANT": True,
+    "COMPLIANT_BCP_RFC9700_PASSWORD_GRANT": True,
+    "COMPLIANT_BCP_RFC9700_AUTHZ_RESPONSE_ISS": True,
+    # Tokens are stored only as SHA-256 checksums (DESIGN §5.1).
+    "COMPLIANT_BCP_RFC9700_TOKEN_STORAGE": True,
+    "ROTATE_REFRESH_TOKEN": True,
+    "REFRESH_TOKEN_REUSE_PROTECTION": True,
+    "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": env_int("REFRESH_TOKEN_GRACE_SECONDS", 30),
+    "AUTHORIZATION_CODE_EXPIRE_SECONDS": 60,
+    "ALLOWED_REDIRECT_URI_SCHEMES": ["https", "http"],
+    "ALLOW_LOCALHOST_LOOPBACK": True,
+    "OAUTH2_VALIDATOR_CLASS": "oauthproxy.oauth.validator.ProxyOAuth2Validator",
+    "SCOPES_BACKEND_CLASS": "oauthproxy.oauth.scopes.ServerScopes",
+    "DEFAULT_SCOPES": [],
+    "SCOPES": {},
+}
+
+# Proxy knobs (defaults per deployment; lifetimes can be overridden per server).
+OAUTHPROXY = {
+    "ACCESS_TOKEN_LIFETIME": env_int("ACCESS_TOKEN_LIFETIME", 3600),
+    "REFRESH_TOKEN_LIFETIME": env_int("REFRESH_TOKEN_LIFETIME", 30 * 24 * 3600),
+    "UPSTREAM_STATE_LIFETIME": env_int("UPSTREAM_STATE_LIFETIME", 600),
+    "CONSENT_REMEMBER_SECONDS": env_int("CONSENT_REMEMBER_SECONDS", 30 * 24 * 3600),
+    # Upstream tokens are refreshed this many seconds before they expire.
+    "UPSTREAM_REFRESH_MARGIN": env_int("UPSTREAM_REFRESH_MARGIN", 60),
+    "UPSTREAM_CONNECT_TIMEOUT": 5,
+    "UPSTREAM_READ_TIMEOUT": 15,
+    "UPSTREAM_MAX_RESPONSE_BYTES": 1024 * 1024,
+    # Client ID Metadata Documents: loopback/private hosts only in tests.
+    "CIMD_ALLOW_PRIVATE_ADDRESSES": env_bool("CIMD_ALLOW_PRIVATE_ADDRESSES", False),
+    "MAX_REGISTRATIONS_PER_SERVER": env_int("MAX_REGISTRATIONS_PER_SERVER", 10000),
+    "UNUSED_REGISTRATION_TTL": env_int("UNUSED_REGISTRATION_TTL", 24 * 3600),
+}

@@ -1,0 +1,23 @@
+"""``make test``: PostgreSQL, fast hashers, loopback CIMD allowed."""
+
+import os
+
+import dj_database_url
+
+from .base import *  # noqa: F401,F403
+
+DEBUG = False
+SECRET_KEY = "test-secret-key-not-for-production"
+ALLOWED_HOSTS = ["*"]
+PUBLIC_BASE_URL = "https://proxy.example.test"
+PROXY_ENCRYPTION_KEYS = [
+    "dGVzdC1rZXktb25lLTMyLWJ5dGVzLWxvbmctZXhhYyE=",  # 32 bytes
+]
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/oauthproxy"),
+    )
+}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+OAUTHPROXY = {**OAUTHPROXY, "CIMD_ALLOW_PRIVATE_ADDRESSES": True}  # noqa: F405
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

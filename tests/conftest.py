@@ -1,0 +1,33 @@
+import pytest
+
+from oauthproxy.models import McpServer
+
+UPSTREAM = "https://idp.example.com"
+
+
+def make_server(**overrides) -> McpServer:
+    values = dict(
+        slug="crm",
+        name="CRM tools",
+        mcp_url="http://crm.internal:8080/mcp",
+        authorization_endpoint=f"{UPSTREAM}/authorize",
+        token_endpoint=f"{UPSTREAM}/token",
+        client_id="proxy-client",
+        client_secret="upstream-secret-value-123",
+        scopes=["openid", "email", "offline_access"],
+    )
+    values.update(overrides)
+    server = McpServer(**values)
+    server.full_clean()
+    server.save()
+    return server
+
+
+@pytest.fixture
+def server(db) -> McpServer:
+    return make_server()
+
+
+@pytest.fixture
+def server_factory(db):
+    return make_server
