@@ -5,6 +5,7 @@ import json
 from django import forms
 from django.db import models
 
+from .documents import DOCUMENT_FIELDS
 from .models import McpServer
 
 
@@ -51,7 +52,7 @@ class McpServerForm(forms.ModelForm):
 
     class Meta:
         model = McpServer
-        fields = "__all__"
+        fields = DOCUMENT_FIELDS
         formfield_callback = _https_by_default
 
     def __init__(self, *args, **kwargs):
