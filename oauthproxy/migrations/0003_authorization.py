@@ -1,0 +1,8 @@
+# Reserved for the authorization area's schema changes (kept so parallel work never forks the migration graph).
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [("oauthproxy", "0002_registration")]
+
+    operations = []

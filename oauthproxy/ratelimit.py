@@ -1,0 +1,55 @@
+"""Fixed-window rate limits on the shared cache (Redis in production, so limits hold across instances).
+
+Open endpoints are limited per (endpoint, server, key). The key is chosen by the caller: the client_id
+where one is known, so one misbehaving client cannot lock out other clients that share a hosted
+client's egress IPs (DESIGN §5.9); the IP address only where nothing better exists, with limits high
+enough for a NAT of many users.
+"""
+
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+
+from .exceptions import RateLimited
+
+DEFAULT_LIMITS = {
+    # name: (requests, window seconds)
+    "register:ip": (60, 60),
+    "authorize:client": (120, 60),
+    "token:client": (600, 60),
+    "token:ip": (3000, 60),
+    "introspect:credential": (6000, 60),
+}
+
+
+def _limit(name: str) -> tuple[int, int]:
+    overrides = getattr(settings, "OAUTHPROXY_RATE_LIMITS", {}) or {}
+    return overrides.get(name, DEFAULT_LIMITS[name])
+
+
+def rate_limit_hit(*, name: str, key: str) -> None:
+    """Count one request; raise RateLimited (429 with Retry-After) once the window's budget is spent."""
+    limit, window = _limit(name)
+    if limit <= 0:
+        return
+    now = int(time.time())
+    bucket = now // window
+    cache_key = f"rl:{name}:{key}:{bucket}"
+    # add() is atomic on Redis and locmem; incr() then counts.
+    if cache.add(cache_key, 1, timeout=window + 1):
+        count = 1
+    else:
+        try:
+            count = cache.incr(cache_key)
+        except ValueError:  # expired between add and incr
+            cache.add(cache_key, 1, timeout=window + 1)
+            count = 1
+    if count > limit:
+        raise RateLimited(retry_after=window - (now % window) or 1)
+
+
+def client_ip(request) -> str:
+    """The caller's address. Behind a load balancer configure it to set REMOTE_ADDR (uvicorn
+    --proxy-headers with --forwarded-allow-ips)."""
+    return request.META.get("REMOTE_ADDR", "unknown")

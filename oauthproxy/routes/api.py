@@ -1,0 +1,3 @@
+"""Routes for api (see oauthproxy/urls.py for the layout)."""
+
+urlpatterns: list = []

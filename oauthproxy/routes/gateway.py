@@ -1,0 +1,3 @@
+"""Routes for gateway (see oauthproxy/urls.py for the layout)."""
+
+urlpatterns: list = []

@@ -1,0 +1,3 @@
+"""Routes for registration (see oauthproxy/urls.py for the layout)."""
+
+urlpatterns: list = []
