@@ -11,3 +11,8 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["*"])
 if not PROXY_ENCRYPTION_KEYS:  # noqa: F405
     # A fixed development key so `make run` works without setup. Never use it in production.
     PROXY_ENCRYPTION_KEYS = ["bG9jYWwtZGV2ZWxvcG1lbnQta2V5LTMyLWJ5dGVzISE="]
+
+# Serve static files straight from the apps (no collectstatic needed for `make run`).
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = True
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
