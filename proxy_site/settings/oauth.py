@@ -3,7 +3,7 @@
 Per-server values (endpoints, credentials, lifetimes) live in the database, never here.
 """
 
-from .env import env_bool, env_int
+from .env import env_bool, env_int, env_list
 
 # The client model is swapped in oauthproxy's first migration: each client is bound to one MCP
 # server. Tokens, codes and id tokens are swapped too so each can point at its upstream session.
@@ -48,4 +48,7 @@ OAUTHPROXY = {
     "CIMD_ALLOW_PRIVATE_ADDRESSES": env_bool("CIMD_ALLOW_PRIVATE_ADDRESSES", False),
     "MAX_REGISTRATIONS_PER_SERVER": env_int("MAX_REGISTRATIONS_PER_SERVER", 10000),
     "UNUSED_REGISTRATION_TTL": env_int("UNUSED_REGISTRATION_TTL", 24 * 3600),
+    # Private-use redirect URI schemes must look like reversed domains (com.example.app:/cb); these
+    # single-word schemes of well-known MCP clients are accepted too (Cursor: cursor://anysphere...).
+    "REDIRECT_URI_EXTRA_SCHEMES": env_list("REDIRECT_URI_EXTRA_SCHEMES", ["cursor"]),
 }

@@ -1,0 +1,1 @@
+"""DRF views: registration, metadata, management API."""
