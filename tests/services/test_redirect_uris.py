@@ -39,7 +39,6 @@ REFUSED = [
     ("http://127.0.0.2/cb", "non-loopback"),
     ("http://localhost.evil.example/cb", "non-loopback"),
     ("myapp://callback", "reverse-domain"),
-    ("cursor://anysphere.cursor-retrieval/oauth/callback", "reverse-domain"),
     ("/relative/callback", "absolute"),
     ("callback", "absolute"),
     ("https:/app.example.com/cb", "no host"),
@@ -70,9 +69,16 @@ def test_non_string_is_refused():
         redirect_uri_validate(42)
 
 
-def test_operator_can_allow_a_single_word_scheme(settings):
-    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "REDIRECT_URI_EXTRA_SCHEMES": ["cursor"]}
+def test_cursor_scheme_is_accepted_by_default_and_can_be_withdrawn(settings):
     redirect_uri_validate("cursor://anysphere.cursor-retrieval/oauth/callback")
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "REDIRECT_URI_EXTRA_SCHEMES": []}
+    with pytest.raises(InvalidRedirectUri, match="reverse-domain"):
+        redirect_uri_validate("cursor://anysphere.cursor-retrieval/oauth/callback")
+
+
+def test_operator_can_allow_a_single_word_scheme(settings):
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "REDIRECT_URI_EXTRA_SCHEMES": ["myapp"]}
+    redirect_uri_validate("myapp://callback")
     with pytest.raises(InvalidRedirectUri):  # never script schemes, whatever the operator lists
         settings.OAUTHPROXY = {**settings.OAUTHPROXY, "REDIRECT_URI_EXTRA_SCHEMES": ["javascript"]}
         redirect_uri_validate("javascript:alert(1)")
