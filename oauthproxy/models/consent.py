@@ -27,16 +27,19 @@ class Consent(models.Model):
 
 
 class PendingAuthorization(models.Model):
-    """An authorization request from consent until the upstream callback.
+    """An authorization request from the authorize endpoint until the upstream callback.
 
-    The upstream ``state`` is stored as a checksum; it is single use (``consumed_at``), expires
-    quickly and is bound to the browser that approved (``browser_key_checksum``).
+    Created when ``authorize`` has validated the request (``approved_at`` empty, no upstream state yet:
+    the consent page shows it). Approval sets ``approved_at`` and the upstream ``state``, stored as a
+    checksum only; it is single use (``consumed_at``), expires quickly and is bound to the browser that
+    started the flow and approved it (``browser_key_checksum``).
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     server = models.ForeignKey(McpServer, on_delete=models.CASCADE, related_name="+")
     client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="+")
-    state_checksum = models.CharField(max_length=64, unique=True)
+    # Empty until consent is given: no upstream state exists before approval (DESIGN §5.6).
+    state_checksum = models.CharField(max_length=64, unique=True, null=True, blank=True)
     browser_key_checksum = models.CharField(max_length=64)
     redirect_uri = models.TextField()
     client_state = models.TextField(blank=True)
@@ -47,6 +50,7 @@ class PendingAuthorization(models.Model):
     upstream_code_verifier = EncryptedTextField()
     created = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(db_index=True)
+    approved_at = models.DateTimeField(null=True, blank=True)
     consumed_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:

@@ -114,6 +114,11 @@ class TokenSet:
         )
 
 
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
 class UpstreamClient:
     """Talks to one server's upstream with its single stored credential."""
 
@@ -270,7 +275,7 @@ class UpstreamClient:
             if not self.server.issuer:
                 return jwt.decode(
                     id_token,
-                    options={"verify_signature": False, **options},
+                    options={"verify_signature": False, "verify_aud": True, **options},
                     audience=self.server.client_id,
                 )
             metadata = self.provider_metadata()
@@ -278,11 +283,17 @@ class UpstreamClient:
             if not jwks_uri:
                 raise UpstreamError("id_token: upstream metadata has no jwks_uri", oauth_error="server_error")
             header = jwt.get_unverified_header(id_token)
+            algorithm = header.get("alg")
+            # Asymmetric algorithms only: a symmetric one would turn the public key into an HMAC secret
+            # (algorithm confusion), and "none" is no signature at all.
+            if algorithm not in ASYMMETRIC_ALGORITHMS:
+                raise UpstreamError(f"id_token signed with unsupported algorithm {algorithm!r}",
+                                    oauth_error="server_error")
             key = self._signing_key(jwks_uri, header.get("kid"))
             return jwt.decode(
                 id_token,
                 key=key,
-                algorithms=[header.get("alg", "RS256")] if header.get("alg") != "none" else ["RS256"],
+                algorithms=[algorithm],
                 audience=self.server.client_id,
                 issuer=metadata.get("issuer", self.server.issuer),
                 leeway=60,
