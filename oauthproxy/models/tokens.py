@@ -17,6 +17,9 @@ _optional_user = dict(to=settings.AUTH_USER_MODEL, null=True, blank=True, on_del
 class Grant(AbstractGrant):
     user = models.ForeignKey(related_name="%(app_label)s_%(class)s", **_optional_user)
     upstream_session = models.ForeignKey(UpstreamSession, on_delete=models.CASCADE, related_name="+")
+    # Codes are marked redeemed rather than deleted, so a replay can be recognised (and the tokens issued
+    # from the code revoked, RFC 6749 §4.1.2) until the expired row is cleaned up.
+    redeemed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta(AbstractGrant.Meta):
         swappable = "OAUTH2_PROVIDER_GRANT_MODEL"

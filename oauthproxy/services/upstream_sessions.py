@@ -94,6 +94,7 @@ def upstream_session_ensure_fresh(
     """
     if session.revoked_at is not None:
         raise UpstreamSessionEnded("session revoked")
+
     def needs_refresh(row: UpstreamSession) -> bool:
         if rejected_access_token is not None and row.refresh_token:
             return row.access_token == rejected_access_token
@@ -102,41 +103,58 @@ def upstream_session_ensure_fresh(
     if not needs_refresh(session):
         return session
     with transaction.atomic():
-        locked = UpstreamSession.objects.select_for_update().select_related("server", "client").get(pk=session.pk)
-        if locked.revoked_at is not None:
-            raise UpstreamSessionEnded("session revoked")
-        if not needs_refresh(locked):
-            return locked  # another request refreshed it while we waited for the lock
-        if not locked.refresh_token:
-            _end(locked, reason="upstream access token expired and the upstream issued no refresh token")
-            raise UpstreamSessionEnded(locked.revoked_reason)
-        try:
-            tokens = UpstreamClient(locked.server).refresh(refresh_token=locked.refresh_token)
-        except UpstreamError as exc:
-            if exc.oauth_error == "invalid_grant":
-                _end(locked, reason=f"upstream refused the refresh token: {exc.reason}")
-                raise UpstreamSessionEnded(locked.revoked_reason)
-            audit_record(
-                kind=AuditEvent.Kind.UPSTREAM_FAILURE, server=locked.server, client=locked.client,
-                subject=locked.subject, message=exc.reason,
-            )
-            if rejected_access_token is None and locked.expires_at and locked.expires_at > timezone.now():
-                return locked  # still valid for a little while: use it, retry the refresh next time
-            raise
-        locked.access_token = tokens.access_token
-        if tokens.refresh_token:  # rotation; otherwise keep the one we have
-            locked.refresh_token = tokens.refresh_token
-        locked.expires_at = expires_at_from(tokens.expires_in)
-        locked.token_type = tokens.token_type
-        if tokens.scope:
-            locked.scope = tokens.scope
-        locked.refresh_count += 1
-        locked.refreshed_at = timezone.now()
-        locked.save(update_fields=["access_token", "refresh_token", "expires_at", "token_type", "scope",
-                                   "refresh_count", "refreshed_at"])
+        # Lock the session row only (of=self): the server and client rows must stay free for the inserts
+        # (audit events, tokens) that other requests make while this one waits for the upstream.
+        locked = _locked_session(session.pk)
+        failure = _refresh_locked(locked, needs_refresh=needs_refresh, rejected=rejected_access_token is not None)
+    # Raised only after the block commits, so an ended session and its audit trail are kept.
+    if failure is not None:
+        raise failure
+    return locked
+
+
+def _locked_session(pk) -> UpstreamSession:
+    return (
+        UpstreamSession.objects.select_for_update(of=("self",)).select_related("server", "client").get(pk=pk)
+    )
+
+
+def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -> Exception | None:
+    """Refresh a locked session in place. Returns the exception for the caller to raise, if any."""
+    if locked.revoked_at is not None:
+        return UpstreamSessionEnded("session revoked")
+    if not needs_refresh(locked):
+        return None  # another request refreshed it while we waited for the lock
+    if not locked.refresh_token:
+        _end(locked, reason="upstream access token expired and the upstream issued no refresh token")
+        return UpstreamSessionEnded(locked.revoked_reason)
+    try:
+        tokens = UpstreamClient(locked.server).refresh(refresh_token=locked.refresh_token)
+    except UpstreamError as exc:
+        if exc.oauth_error == "invalid_grant":
+            _end(locked, reason=f"upstream refused the refresh token: {exc.reason}")
+            return UpstreamSessionEnded(locked.revoked_reason)
+        audit_record(
+            kind=AuditEvent.Kind.UPSTREAM_FAILURE, server=locked.server, client=locked.client,
+            subject=locked.subject, message=exc.reason,
+        )
+        if not rejected and locked.expires_at and locked.expires_at > timezone.now():
+            return None  # still valid for a little while: use it, retry the refresh next time
+        return exc
+    locked.access_token = tokens.access_token
+    if tokens.refresh_token:  # rotation; otherwise keep the one we have
+        locked.refresh_token = tokens.refresh_token
+    locked.expires_at = expires_at_from(tokens.expires_in)
+    locked.token_type = tokens.token_type
+    if tokens.scope:
+        locked.scope = tokens.scope
+    locked.refresh_count += 1
+    locked.refreshed_at = timezone.now()
+    locked.save(update_fields=["access_token", "refresh_token", "expires_at", "token_type", "scope",
+                               "refresh_count", "refreshed_at"])
     audit_record(kind=AuditEvent.Kind.UPSTREAM_REFRESHED, server=locked.server, client=locked.client,
                  subject=locked.subject)
-    return locked
+    return None
 
 
 def _end(session: UpstreamSession, *, reason: str) -> None:
@@ -158,7 +176,7 @@ def _revoke_proxy_tokens(session: UpstreamSession) -> None:
 def upstream_session_revoke(*, session: UpstreamSession, reason: str, actor=None) -> None:
     """End a session at the proxy and, where the upstream has a revocation endpoint, at the upstream."""
     with transaction.atomic():
-        locked = UpstreamSession.objects.select_for_update().select_related("server", "client").get(pk=session.pk)
+        locked = _locked_session(session.pk)
         if locked.revoked_at is not None:
             return
         locked.revoked_at = timezone.now()

@@ -38,6 +38,9 @@ OAUTHPROXY = {
     "ACCESS_TOKEN_LIFETIME": env_int("ACCESS_TOKEN_LIFETIME", 3600),
     "REFRESH_TOKEN_LIFETIME": env_int("REFRESH_TOKEN_LIFETIME", 30 * 24 * 3600),
     "UPSTREAM_STATE_LIFETIME": env_int("UPSTREAM_STATE_LIFETIME", 600),
+    # A client that retries a code it just redeemed gets a clean invalid_grant (its tokens stay valid);
+    # any other replay of a code ends the session it created (RFC 6749 §4.1.2).
+    "CODE_RETRY_SECONDS": env_int("CODE_RETRY_SECONDS", 10),
     "CONSENT_REMEMBER_SECONDS": env_int("CONSENT_REMEMBER_SECONDS", 30 * 24 * 3600),
     # Upstream tokens are refreshed this many seconds before they expire.
     "UPSTREAM_REFRESH_MARGIN": env_int("UPSTREAM_REFRESH_MARGIN", 60),
