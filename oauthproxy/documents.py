@@ -26,6 +26,8 @@ DOCUMENT_FIELDS = (
     "access_token_lifetime",
     "refresh_token_lifetime",
     "send_identity_headers",
+    "client_upstream_rate_limit",
+    "client_upstream_daily_quota",
 )
 
 
@@ -49,6 +51,8 @@ class ServerDocumentSerializer(serializers.ModelSerializer):
         extra_kwargs = {"slug": {"validators": []}}  # uniqueness is handled by the upsert
 
     def validate(self, attrs):
+        if _contains_nul(attrs):
+            raise serializers.ValidationError("Text must not contain NUL characters.")
         instance = self.instance or McpServer()
         candidate = McpServer(**{f.attname: getattr(instance, f.attname) for f in McpServer._meta.concrete_fields})
         for field, value in attrs.items():
@@ -58,3 +62,14 @@ class ServerDocumentSerializer(serializers.ModelSerializer):
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.message_dict)
         return attrs
+
+
+def _contains_nul(value) -> bool:
+    """PostgreSQL cannot store NUL in text; refuse it as bad input rather than fail at the database."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_nul(v) for v in value)
+    return False

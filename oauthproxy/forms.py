@@ -8,6 +8,8 @@ from django.db import models
 from .documents import DOCUMENT_FIELDS
 from .models import McpServer
 
+QUOTA_FIELDS = ("client_upstream_rate_limit", "client_upstream_daily_quota")
+
 
 class JsonListField(forms.JSONField):
     """A JSON field that also accepts a plain space- or comma-separated list, which admins expect."""
@@ -21,6 +23,23 @@ class JsonListField(forms.JSONField):
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return " ".join(value)
         return super().prepare_value(value)
+
+
+def _storable(value) -> bool:
+    """PostgreSQL's jsonb refuses NUL characters and lone surrogates anywhere in a document."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
+    return True
+
+
+def _check_storable(value):
+    if not _storable(value):
+        raise forms.ValidationError("Remove the NUL or unpaired surrogate characters.")
+    return value
 
 
 def _https_by_default(db_field, **kwargs):
@@ -52,7 +71,7 @@ class McpServerForm(forms.ModelForm):
 
     class Meta:
         model = McpServer
-        fields = DOCUMENT_FIELDS
+        fields = (*DOCUMENT_FIELDS, *QUOTA_FIELDS)
         formfield_callback = _https_by_default
 
     def __init__(self, *args, **kwargs):
@@ -70,14 +89,35 @@ class McpServerForm(forms.ModelForm):
         return new_secret
 
     def clean_scopes(self):
-        return self.cleaned_data.get("scopes") or []
+        return _check_storable(self.cleaned_data.get("scopes") or [])
 
     def clean_token_endpoint_auth_methods_supported(self):
-        return self.cleaned_data.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        methods = self.cleaned_data.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        return _check_storable(methods)
 
     def clean_extra_authorize_params(self):
         value = self.cleaned_data.get("extra_authorize_params")
-        return value if value not in (None, "") else {}
+        return _check_storable(value if value not in (None, "") else {})
+
+
+class IssuerForm(forms.Form):
+    issuer = forms.URLField(
+        label="Upstream issuer",
+        max_length=500,
+        assume_scheme="https",
+        widget=forms.URLInput(attrs={"size": 70, "placeholder": "https://login.example.com"}),
+        help_text="The issuer URL of the upstream identity provider. Its RFC 8414 or OpenID Connect metadata "
+        "is read from the well-known URLs under it.",
+    )
+
+
+class RevokeForm(forms.Form):
+    reason = forms.CharField(
+        required=False,
+        max_length=200,
+        widget=forms.TextInput(attrs={"size": 70}),
+        help_text="Optional. Recorded in the audit log and on the revoked sessions.",
+    )
 
 
 def pretty_json(value) -> str:

@@ -105,7 +105,8 @@ def test_team_member_sees_only_own_team_servers(client, server_factory):
     listing = client.get("/admin/oauthproxy/mcpserver/").content.decode()
     assert "mine" in listing and "theirs" not in listing
     assert client.get(f"/admin/oauthproxy/mcpserver/{mine.pk}/change/").status_code == 200
-    assert client.get(f"/admin/oauthproxy/mcpserver/{theirs.pk}/change/").status_code == 302  # "doesn't exist"
+    # Another team's server is answered exactly like a missing one: 404 (DESIGN §5.11).
+    assert client.get(f"/admin/oauthproxy/mcpserver/{theirs.pk}/change/").status_code == 404
     response = client.post(f"/admin/oauthproxy/mcpserver/{theirs.pk}/change/", form_data(slug="theirs"))
     assert McpServer.objects.get(pk=theirs.pk).client_id == "proxy-client"
-    assert response.status_code == 302
+    assert response.status_code == 404

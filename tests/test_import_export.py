@@ -148,3 +148,24 @@ class TestExport:
         with connection.cursor() as cursor:
             cursor.execute("SELECT * FROM oauthproxy_mcpserver")
             assert "s3cret-crm" not in repr(cursor.fetchall())
+
+
+@pytest.mark.django_db
+def test_nul_characters_are_refused_not_a_database_error(tmp_path):
+    doc = dict(DOCS[0], extra_authorize_params={"aud\u0000ience": "x"})
+    path = tmp_path / "nul.json"
+    path.write_text(json.dumps([doc]))
+    with pytest.raises(CommandError, match="NUL"):
+        run("import_servers", str(path))
+    assert not McpServer.objects.exists()
+
+
+@pytest.mark.django_db
+def test_quota_fields_round_trip(json_file, tmp_path):
+    docs = json.loads(json_file.read_text())
+    docs[0]["client_upstream_rate_limit"] = 30
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(docs))
+    run("import_servers", str(path))
+    exported = json.loads(run("export_servers"))
+    assert exported[0]["client_upstream_rate_limit"] == 30

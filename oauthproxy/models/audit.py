@@ -18,6 +18,7 @@ class AuditEvent(models.Model):
         UPSTREAM_REFRESHED = "upstream.refreshed"
         UPSTREAM_FAILURE = "upstream.failure"
         SESSION_REVOKED = "session.revoked"
+        QUOTA_EXCEEDED = "quota.exceeded"
         ADMIN_CHANGE = "admin.change"
 
     created = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -41,7 +42,11 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-created"]
-        indexes = [models.Index(fields=["server", "-created"])]
+        indexes = [
+            models.Index(fields=["server", "-created"]),
+            models.Index(fields=["client", "-created"]),
+            models.Index(fields=["kind", "-created"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.created:%Y-%m-%d %H:%M:%S} {self.kind}"

@@ -130,6 +130,23 @@ class McpServer(models.Model):
         default=False,
         help_text="Send X-MCP-Subject and X-MCP-Client-Id to the internal MCP server.",
     )
+    # Shared-quota protection (DESIGN §1): the upstream's rate limits apply to the one shared client, so
+    # each MCP client gets its own budget of upstream-touching operations (logins sent upstream, upstream
+    # token refreshes). Empty: the deployment default (OAUTHPROXY_CLIENT_QUOTAS); 0: unlimited.
+    client_upstream_rate_limit = models.PositiveIntegerField(
+        "upstream operations per client per minute",
+        null=True,
+        blank=True,
+        help_text="How many upstream logins and token refreshes one MCP client may cause per minute. "
+        "Empty: the deployment default. 0: no limit.",
+    )
+    client_upstream_daily_quota = models.PositiveIntegerField(
+        "upstream operations per client per day",
+        null=True,
+        blank=True,
+        help_text="How many upstream logins and token refreshes one MCP client may cause per day (UTC). "
+        "Empty: the deployment default. 0: no limit.",
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 

@@ -53,6 +53,7 @@ from ..models import AuditEvent, Client, Consent, Grant, McpServer, PendingAutho
 from ..ratelimit import rate_limit_hit
 from .audit import audit_record
 from .cimd import client_resolve
+from .quotas import QuotaExceeded, quota_consume
 from .redirect_uris import FORBIDDEN_SCHEMES, MAX_REDIRECT_URI_LENGTH, redirect_uri_matches
 from .upstream import TokenSet, UpstreamClient
 from .upstream_sessions import subject_learn, upstream_session_create
@@ -454,8 +455,16 @@ def authorization_approve(*, pending: PendingAuthorization, remember: bool) -> s
 
 
 def _approve(pending: PendingAuthorization, *, now: datetime) -> str:
-    """Give the request its upstream state and verifier, save it, and answer the upstream URL."""
+    """Give the request its upstream state and verifier, save it, and answer the upstream URL.
+
+    Each trip upstream spends the client's share of the shared upstream client's quota; a client over
+    its budget is sent back with ``temporarily_unavailable`` instead of hammering the upstream."""
     server = pending.server
+    try:
+        quota_consume(client=pending.client, operation="authorize")
+    except QuotaExceeded as exc:
+        raise ErrorRedirect(exc, redirect_uri=pending.redirect_uri, state=pending.client_state,
+                            issuer=server.issuer_url)
     state = secrets.token_urlsafe(32)
     pending.state_checksum = checksum(state)
     pending.approved_at = now

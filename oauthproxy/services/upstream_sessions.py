@@ -15,6 +15,7 @@ from django.utils import timezone
 from ..exceptions import UpstreamError
 from ..models import AuditEvent, Client, McpServer, UpstreamSession
 from .audit import audit_record
+from .quotas import QuotaExceeded, quota_consume
 from .upstream import TokenSet, UpstreamClient, expires_at_from
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,15 @@ def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -
     if not locked.refresh_token:
         _end(locked, reason="upstream access token expired and the upstream issued no refresh token")
         return UpstreamSessionEnded(locked.revoked_reason)
+    try:
+        # Counted only for refreshes that really go upstream (requests that waited for the lock and found
+        # the token fresh returned above).
+        quota_consume(client=locked.client, operation="refresh")
+    except QuotaExceeded as exc:
+        if not rejected and locked.expires_at and locked.expires_at > timezone.now():
+            return None  # still valid for now: keep using it
+        # Callers treat it like an unreachable upstream: retry later, the session stays.
+        return UpstreamError(exc.description, oauth_error="temporarily_unavailable")
     try:
         tokens = UpstreamClient(locked.server).refresh(refresh_token=locked.refresh_token)
     except UpstreamError as exc:

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_http_methods
 from ..exceptions import InvalidRequest, OAuthError
 from ..selectors import server_get_enabled
 from ..services.authorization import (
+    ErrorRedirect,
     authorization_approve,
     authorization_deny,
     consent_details,
@@ -45,9 +46,11 @@ def consent(request: HttpRequest, slug: str) -> HttpResponse:
             return page_headers(response)
         decision = request.POST.get("decision")
         if decision == "approve":
-            return HttpResponseRedirect(
-                authorization_approve(pending=pending, remember=request.POST.get("remember") == "yes")
-            )
+            try:
+                url = authorization_approve(pending=pending, remember=request.POST.get("remember") == "yes")
+            except ErrorRedirect as exc:  # e.g. the client is over its upstream quota
+                return ClientRedirect(exc.url)
+            return HttpResponseRedirect(url)
         if decision == "deny":
             return ClientRedirect(authorization_deny(pending=pending))
         raise InvalidRequest("Choose Allow or Deny.")

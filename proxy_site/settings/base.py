@@ -29,8 +29,11 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    # Management API tokens: per user, stored as digests only (DESIGN §5.1), with an expiry.
+    "knox",
+    "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our static files, no CDN
     "oauth2_provider",
     "oauthproxy",
 ]
@@ -108,24 +111,39 @@ STORAGES = {
 
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
-SECURE_REFERRER_POLICY = "no-referrer"
+# same-origin, not no-referrer: with no-referrer browsers send "Origin: null" on same-origin form posts
+# and Django's CSRF check refuses the admin login and the consent form. Nothing goes to other sites.
+SECURE_REFERRER_POLICY = "same-origin"
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "knox.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "oauthproxy.exceptions.exception_handler",
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "MCP OAuth Proxy management API",
+    "DESCRIPTION": (
+        "Manage the MCP servers of your teams, their registered clients, sessions and audit log. "
+        "Authenticate with `Authorization: Token <token>` (create one at /api/v1/tokens/ while logged in "
+        "to the admin). Staff who are not superusers see their own teams' objects only. "
+        "Secrets are write-only."
+    ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The document describes the management API only, not the OAuth endpoints MCP clients use.
+    "PREPROCESSING_HOOKS": ["oauthproxy.apis.management.schema_management_endpoints_only"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {

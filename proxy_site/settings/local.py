@@ -16,3 +16,4 @@ if not PROXY_ENCRYPTION_KEYS:  # noqa: F405
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
+STATIC_ROOT = None  # nothing collected outside production images; avoids WhiteNoise warnings

@@ -55,3 +55,10 @@ OAUTHPROXY = {
     # single-word schemes of well-known MCP clients are accepted too (Cursor: cursor://anysphere...).
     "REDIRECT_URI_EXTRA_SCHEMES": env_list("REDIRECT_URI_EXTRA_SCHEMES", ["cursor"]),
 }
+
+# Per-client budget of upstream-touching operations (trips to the upstream login, upstream refreshes),
+# protecting the one shared upstream client's rate limits; each server may override; 0 is unlimited.
+OAUTHPROXY_CLIENT_QUOTAS = {
+    "PER_MINUTE": env_int("CLIENT_UPSTREAM_PER_MINUTE", 120),
+    "PER_DAY": env_int("CLIENT_UPSTREAM_PER_DAY", 20000),
+}

@@ -24,3 +24,5 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 OAUTHPROXY = {**OAUTHPROXY, "CIMD_ALLOW_PRIVATE_ADDRESSES": True}  # noqa: F405
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
+STATIC_ROOT = None  # nothing collected outside production images; avoids WhiteNoise warnings
+WHITENOISE_USE_FINDERS = True
