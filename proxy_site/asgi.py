@@ -1,7 +1,39 @@
+"""The ASGI entry point (uvicorn ``proxy_site.asgi:application``).
+
+Gateway requests (``/mcp/<slug>``) go straight to ``gateway_asgi``: the same view as the Django route,
+without the middleware stack (see ``oauthproxy.views.gateway``). Everything else is plain Django. The
+lifespan protocol closes the gateway's pooled connections on shutdown.
+"""
+
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proxy_site.settings.production")
 
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+# Imported once Django is set up (they use models and settings).
+from oauthproxy.services.gateway import gateway_upstream_pool_close  # noqa: E402
+from oauthproxy.views.gateway import gateway_asgi, gateway_path_slug  # noqa: E402
+
+
+async def application(scope, receive, send):
+    if scope["type"] == "http":
+        slug = gateway_path_slug(scope)
+        if slug is not None:
+            return await gateway_asgi(scope, receive, send, slug=slug)
+    elif scope["type"] == "lifespan":
+        return await _lifespan(receive, send)
+    return await django_application(scope, receive, send)
+
+
+async def _lifespan(receive, send):
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await gateway_upstream_pool_close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

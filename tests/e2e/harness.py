@@ -16,23 +16,41 @@ its EOF.
 
 The IdP is `upstream/idp.mjs` (oidc-provider on the Node 22 from `upstream/node_modules`, installed by
 `tests/e2e/install.sh`); the MCP server is `mcp_server.py` (official MCP Python SDK).
+
+Driving the proxy (it runs as a real process, see `proxy.py`):
+
+    client = McpOAuthClient(f"{proxy_url}/mcp/demo", username="alice")   # official SDK + its OAuth provider
+    anyio.run(client.call_tool, "whoami")       # 401 -> discovery -> DCR (or CIMD) -> authorize -> token
+    client.http, client.authorizations, client.storage.tokens
+
+The user's browser leg (`authorize_in_browser`) follows the proxy's redirects with one cookie jar, presses
+Approve or Deny on the consent page (`submit_consent`), logs in at the IdP (`upstream_login`) and stops at
+the redirect to the client. `start_redirect_receiver()` is a native client's loopback redirect receiver
+(for a real browser), `start_document_server()` serves a client ID metadata document on loopback.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
+import re
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from html import unescape
 from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import httpx
 
@@ -54,6 +72,21 @@ __all__ = [
     "start_upstream",
     "upstream_login",
     "parse_redirect",
+    "AuthorizationFailed",
+    "BrowserOutcome",
+    "LoopbackServer",
+    "McpOAuthClient",
+    "MemoryTokenStorage",
+    "authorize_in_browser",
+    "bearer_of",
+    "find_exception",
+    "page_text",
+    "sleep_until",
+    "start_document_server",
+    "start_redirect_receiver",
+    "submit_consent",
+    "tool_text",
+    "wait_until",
 ]
 
 
@@ -103,6 +136,7 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.name = name
         self.argv = argv
@@ -122,6 +156,7 @@ class ManagedProcess:
             stdout=subprocess.PIPE,
             stderr=log,
             start_new_session=True,  # our terminal's Ctrl-C is not theirs; we stop them ourselves
+            pass_fds=pass_fds,  # e.g. a listening socket the child serves on
         )
         _live.add(self)
         self._reader = threading.Thread(target=self._read_stdout, name=f"{name}-stdout", daemon=True)
@@ -314,6 +349,28 @@ class Upstream(ManagedProcess):
             return token["by_grant_type"].get(grant_type, 0)
         return token["by_client"].get(client_id, {}).get(grant_type, 0)
 
+    def introspect(self, token: str, client_id: str) -> dict[str, Any]:
+        """RFC 7662 introspection at the IdP, authenticated as `client_id` (its own tokens only):
+        {"active": bool, "exp": ..., "sub": ..., "scope": ...}."""
+        client = next((c for c in self.config.get("clients", []) if c["client_id"] == client_id), None)
+        client = client or self._runtime_clients[client_id]
+        data, auth = {"token": token}, None
+        if client.get("token_endpoint_auth_method") == "client_secret_post":
+            data.update(client_id=client_id, client_secret=client["client_secret"])
+        else:
+            # RFC 6749 2.3.1: form-urlencode both before Basic (oidc-provider decodes them)
+            auth = httpx.BasicAuth(quote(client_id, safe=""), quote(client["client_secret"], safe=""))
+        if not self.introspection_endpoint:
+            raise HarnessError("the IdP runs without introspection")
+        response = httpx.post(self.introspection_endpoint, data=data, auth=auth, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def userinfo_status(self, access_token: str) -> int:
+        """The status the IdP's userinfo endpoint answers for this access token (200, or 401 when expired)."""
+        headers = {"Authorization": f"Bearer {access_token}"}
+        return httpx.get(self.userinfo_endpoint, headers=headers, timeout=10).status_code
+
     def reset_stats(self) -> None:
         self._admin("POST", f"{self.url}/__stats/reset")
 
@@ -457,3 +514,509 @@ def upstream_login(
 def parse_redirect(location: str) -> dict[str, str]:
     """Query parameters of a redirect URL as a flat dict (code, state, iss, error, ...)."""
     return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# driving the proxy's pages (consent) and the whole browser leg of an authorization, without JavaScript
+
+
+class _HtmlForm:
+    def __init__(self, action: str | None, method: str) -> None:
+        self.action = action
+        self.method = method
+        self.fields: list[tuple[str, str]] = []
+        self.buttons: list[dict[str, str]] = []  # {"name", "value", "label"}
+
+
+class _PageParser(HTMLParser):
+    """Forms of a page: their fields (as a browser would submit them) and their submit buttons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[_HtmlForm] = []
+        self._form: _HtmlForm | None = None
+        self._button: dict[str, str] | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: (v or "") for k, v in attrs}
+        if tag == "form":
+            self._form = _HtmlForm(a.get("action"), (a.get("method") or "get").upper())
+            self.forms.append(self._form)
+        elif self._form is None:
+            return
+        elif tag == "input":
+            kind = a.get("type", "text").lower()
+            if kind in ("submit", "image"):
+                self._form.buttons.append(
+                    {"name": a.get("name", ""), "value": a.get("value", ""), "label": a.get("value", "")}
+                )
+            elif kind in ("checkbox", "radio"):
+                if "checked" in a and a.get("name"):
+                    self._form.fields.append((a["name"], a.get("value", "on")))
+            elif kind not in ("button", "reset", "file") and a.get("name"):
+                self._form.fields.append((a["name"], a.get("value", "")))
+        elif tag == "button" and a.get("type", "submit").lower() == "submit":
+            self._button = {"name": a.get("name", ""), "value": a.get("value", ""), "label": ""}
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._button is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "button" and self._button is not None and self._form is not None:
+            self._button["label"] = " ".join("".join(self._text).split())
+            self._form.buttons.append(self._button)
+            self._button = None
+        elif tag == "form":
+            self._form = None
+
+
+_DECISIONS = {
+    "approve": re.compile(r"\b(approve|allow|authori[sz]e|accept|grant)\b", re.I),
+    "deny": re.compile(r"\b(deny|reject|decline|refuse|cancel)\b", re.I),
+}
+
+
+def submit_consent(client: Any, page_url: str, html: str, decision: str) -> Any:
+    """Press the Approve (or Deny) button of the consent page like a browser: the form's fields (CSRF
+    token, hidden request id, checked boxes) plus the pressed button's name=value. Returns the response
+    (not followed)."""
+    pattern = _DECISIONS[decision]
+    parser = _PageParser()
+    parser.feed(html)
+    for form in parser.forms:
+        for button in form.buttons:
+            if any(pattern.search(button[k] or "") for k in ("label", "value", "name")):
+                data = list(form.fields)
+                if button["name"]:
+                    data.append((button["name"], button["value"]))
+                action = urljoin(page_url, form.action) if form.action else page_url
+                if form.method != "POST":
+                    raise HarnessError(f"the consent form uses {form.method}, not POST")
+                if isinstance(client, httpx.Client):
+                    return client.post(action, data=dict(data), follow_redirects=False)
+                return client.post(action, data=data, allow_redirects=False)
+    raise HarnessError(f"no {decision!r} button on the page at {page_url}:\n{html[:3000]}")
+
+
+@dataclass
+class BrowserOutcome:
+    """Where the browser leg of an authorization ended: the redirect to the MCP client's redirect URI."""
+
+    location: str
+    params: dict[str, str]
+    consent_pages: list[str] = field(default_factory=list)  # HTML of each consent page shown
+    trail: list[tuple[str, str, int]] = field(default_factory=list)  # (method, url, status) in order
+
+    @property
+    def error(self) -> str | None:
+        return self.params.get("error")
+
+
+def authorize_in_browser(
+    client: httpx.Client,
+    authorize_url: str,
+    *,
+    redirect_uri: str,
+    username: str = "alice",
+    consent: str = "approve",
+    upstream_abort: bool = False,
+    before_callback: Callable[[str], None] | None = None,
+    max_steps: int = 20,
+) -> BrowserOutcome:
+    """The user's part of an authorization, through the proxy's pages and the upstream IdP's.
+
+    Starts at the proxy's authorize URL and follows it like a browser (one cookie jar: `client`): the
+    consent page (Approve or Deny pressed, `consent`), the upstream login (`upstream_login`; Cancel when
+    `upstream_abort`), the proxy's callback, until the proxy redirects to `redirect_uri`, which is not
+    contacted. `before_callback(url)` runs just before the browser follows the IdP's redirect to the
+    proxy's callback (e.g. to stop the IdP). Raises HarnessError on anything else (an error page, a 500).
+    """
+    outcome = BrowserOutcome(location="", params={})
+    proxy_origin = _origin(authorize_url)
+    response = client.get(authorize_url, follow_redirects=False)
+    for _ in range(max_steps):
+        outcome.trail.append((response.request.method, str(response.request.url), response.status_code))
+        if response.status_code in (301, 302, 303, 307, 308):
+            location = urljoin(str(response.request.url), response.headers["location"])
+            if location.split("?", 1)[0] == redirect_uri:
+                outcome.location = location
+                outcome.params = parse_redirect(location)
+                return outcome
+            if _origin(location) != proxy_origin:  # the upstream IdP
+                back = upstream_login(client, location, username, abort=upstream_abort)
+                outcome.trail.append(("GET", location, 0))  # status 0: the IdP's pages, see upstream_login
+                if _origin(back) != proxy_origin:
+                    raise HarnessError(f"the IdP redirected to {back}, not to the proxy")
+                if before_callback is not None:
+                    before_callback(back)
+                location = back
+            response = client.get(location, follow_redirects=False)
+            continue
+        page_url = str(response.request.url)
+        if response.status_code == 200 and "text/html" in response.headers.get("content-type", ""):
+            outcome.consent_pages.append(response.text)
+            response = submit_consent(client, page_url, response.text, consent)
+            continue
+        raise HarnessError(
+            f"proxy answered {response.status_code} at {page_url}: {page_text(response.text)[:2000]}\n"
+            f"trail: {outcome.trail}"
+        )
+    raise HarnessError(f"no redirect to {redirect_uri} after {max_steps} steps; trail: {outcome.trail}")
+
+
+def page_text(html: str) -> str:
+    """The visible text of an HTML page, whitespace collapsed (for error messages and assertions)."""
+    html = re.sub(r"(?is)<(script|style)\b.*?</\1>", " ", html)
+    text = re.sub(r"(?s)<[^>]+>", " ", html)
+    return " ".join(unescape(text).split())
+
+
+# ------------------------------------------------------------------------------------------------
+# the official MCP client (MCP Python SDK) with its OAuth client provider
+
+
+class AuthorizationFailed(Exception):
+    """The authorization ended with an OAuth error redirect to the client (error, state, ...)."""
+
+    def __init__(self, params: dict[str, str], outcome: Any = None) -> None:
+        super().__init__(f"authorization failed: {params}")
+        self.params = params
+        self.outcome = outcome
+
+
+def find_exception(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """`kind` anywhere in an exception's groups, causes and contexts (the SDK wraps transport errors)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        stack.extend(getattr(current, "exceptions", ()) or ())
+        stack.extend([current.__cause__, current.__context__])
+    return None
+
+
+class MemoryTokenStorage:
+    """The SDK's TokenStorage protocol, in memory: what a client keeps between runs (tokens, client info)."""
+
+    def __init__(self) -> None:
+        self.tokens: Any = None
+        self.client_info: Any = None
+        self.token_history: list[Any] = []
+
+    async def get_tokens(self):
+        return self.tokens
+
+    async def set_tokens(self, tokens) -> None:
+        self.tokens = tokens
+        self.token_history.append(tokens)
+
+    async def get_client_info(self):
+        return self.client_info
+
+    async def set_client_info(self, client_info) -> None:
+        self.client_info = client_info
+
+
+@dataclass
+class HttpEvent:
+    """One HTTP exchange the MCP client made (its OAuth requests included)."""
+
+    method: str
+    url: str
+    status: int
+    form: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path
+
+
+@dataclass
+class AuthorizationRecord:
+    authorize_url: str
+    params: dict[str, str]  # the authorization request's query parameters
+    outcome: Any  # BrowserOutcome, or the final URL for a custom authorize function
+
+
+class McpOAuthClient:
+    """An MCP client app built on the official SDK: `mcp.Client` over streamable HTTP, authenticated by
+    `mcp.client.auth.OAuthClientProvider` (discovery from the 401, DCR or CIMD, authorization code + PKCE +
+    resource, token, refresh), with its tokens kept in `storage` between runs.
+
+    The user's browser is `browser` (an httpx.Client with cookies) driven by `authorize_in_browser`, or
+    `authorize`, an async function (authorize_url, redirect_uri) -> final redirect URL (e.g. Playwright).
+    `http` records every HTTP exchange the SDK made; `authorizations` every time it sent the user to
+    authorize.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        username: str = "alice",
+        storage: MemoryTokenStorage | None = None,
+        redirect_uri: str | None = None,
+        client_name: str = "E2E MCP client",
+        client_metadata_url: str | None = None,
+        consent: str = "approve",
+        upstream_abort: bool = False,
+        before_callback: Callable[[str], None] | None = None,
+        authorize: Callable[[str, str], Any] | None = None,
+        mode: str = "legacy",
+    ) -> None:
+        self.server_url = server_url
+        self.username = username
+        self.storage = storage or MemoryTokenStorage()
+        self.redirect_uri = redirect_uri or f"http://127.0.0.1:{_free_port()}/callback"
+        self.client_name = client_name
+        self.client_metadata_url = client_metadata_url
+        self.consent = consent
+        self.upstream_abort = upstream_abort
+        self.before_callback = before_callback
+        self.authorize = authorize
+        self.mode = mode
+        self.browser = httpx.Client(timeout=30)
+        self.http: list[HttpEvent] = []
+        self.authorizations: list[AuthorizationRecord] = []
+        self._pending_url: str | None = None
+
+    # the SDK's pieces -----------------------------------------------------------------------------
+
+    def new_provider(self):
+        """A fresh OAuthClientProvider over this client's storage (a new run of the client app)."""
+        from mcp.client.auth import OAuthClientProvider
+        from mcp.shared.auth import OAuthClientMetadata
+
+        metadata = OAuthClientMetadata(
+            client_name=self.client_name,
+            redirect_uris=[self.redirect_uri],
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+            token_endpoint_auth_method="none",
+        )
+        provider = OAuthClientProvider(
+            server_url=self.server_url,
+            client_metadata=metadata,
+            storage=self.storage,
+            redirect_handler=self._redirect_handler,
+            callback_handler=self._callback_handler,
+        )
+        if self.client_metadata_url:
+            # The SDK accepts only https client_metadata_url values (as the CIMD draft says); on loopback
+            # the document is served over http, which the proxy accepts only with
+            # CIMD_ALLOW_PRIVATE_ADDRESSES. Everything else about the CIMD path is the SDK's own.
+            provider.context.client_metadata_url = self.client_metadata_url
+        return provider
+
+    def http_client(self, provider=None, headers: Mapping[str, str] | None = None):
+        import httpx2
+
+        async def record(response) -> None:
+            request = response.request
+            form: dict[str, str] = {}
+            if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+                form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
+            self.http.append(HttpEvent(request.method, str(request.url), response.status_code, form))
+
+        return httpx2.AsyncClient(
+            auth=provider,
+            headers=dict(headers or {}),
+            timeout=httpx2.Timeout(30, read=60),
+            event_hooks={"response": [record]},
+        )
+
+    @contextlib.asynccontextmanager
+    async def connect(self, provider=None, *, mode: str | None = None, bearer: str | None = None):
+        """One MCP session through `provider` (default: a new one over the storage), or with a fixed
+        bearer token and no OAuth at all."""
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        if bearer is None and provider is None:
+            provider = self.new_provider()
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else None
+        http_client = self.http_client(None if bearer else provider, headers)
+        async with http_client:
+            async with Client(
+                streamable_http_client(self.server_url, http_client=http_client), mode=mode or self.mode
+            ) as client:
+                yield client
+
+    async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None, *, provider=None) -> Any:
+        """One run of the client app: connect, call one tool, disconnect. Returns the CallToolResult."""
+        async with self.connect(provider) as client:
+            return await client.call_tool(name, dict(arguments or {}))
+
+    # the user's browser ---------------------------------------------------------------------------
+
+    async def _redirect_handler(self, authorization_url: str) -> None:
+        self._pending_url = authorization_url
+
+    async def _callback_handler(self):
+        import anyio
+        from mcp.shared.auth import AuthorizationCodeResult
+
+        url, self._pending_url = self._pending_url, None
+        if url is None:
+            raise HarnessError("callback handler called before the redirect handler")
+        if self.authorize is not None:
+            final = await self.authorize(url, self.redirect_uri)
+            outcome: Any = final
+            params = parse_redirect(final)
+        else:
+            outcome = await anyio.to_thread.run_sync(self._browse, url)
+            params = outcome.params
+        self.authorizations.append(AuthorizationRecord(url, parse_redirect(url), outcome))
+        if "code" not in params:
+            raise AuthorizationFailed(params, outcome)
+        return AuthorizationCodeResult(code=params["code"], state=params.get("state"), iss=params.get("iss"))
+
+    def _browse(self, url: str) -> BrowserOutcome:
+        return authorize_in_browser(
+            self.browser,
+            url,
+            redirect_uri=self.redirect_uri,
+            username=self.username,
+            consent=self.consent,
+            upstream_abort=self.upstream_abort,
+            before_callback=self.before_callback,
+        )
+
+    # what happened --------------------------------------------------------------------------------
+
+    def requests(self, *, path_suffix: str = "", method: str | None = None, since: int = 0) -> list[HttpEvent]:
+        return [e for e in self.http[since:] if e.path.endswith(path_suffix) and (method is None or e.method == method)]
+
+    def close(self) -> None:
+        self.browser.close()
+
+
+def wait_until(deadline: float) -> None:
+    """Let wall-clock time pass until `deadline` (a time.time() value). For token lifetimes, which is what
+    the tests using it are about; never a stand-in for waiting on a process to become ready."""
+    remaining = deadline - time.time()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+async def sleep_until(deadline: float) -> None:
+    """`wait_until` for async code (same purpose: token lifetimes)."""
+    import anyio
+
+    remaining = deadline - time.time()
+    if remaining > 0:
+        await anyio.sleep(remaining)
+
+
+def bearer_of(result: Any) -> str:
+    """The token from the `echo_auth` tool's answer ("Bearer <token>"): what the internal server received."""
+    scheme, _, token = tool_text(result).partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AssertionError(f"the internal MCP server received no bearer token: {tool_text(result)!r}")
+    return token
+
+
+def _free_port() -> int:
+    """A port nothing listens on right now (for redirect URIs that are never contacted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tool_text(result: Any) -> str:
+    """The text of a CallToolResult; fails with the result when the tool reported an error."""
+    if getattr(result, "is_error", False):
+        raise AssertionError(f"tool error: {result}")
+    return result.content[0].text
+
+
+# ------------------------------------------------------------------------------------------------
+# small loopback HTTP servers: a native client's redirect receiver, a client metadata document
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass
+
+
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (port chosen by the kernel) answering with `handler(request)`.
+
+    handler gets (method, path_with_query, headers) and returns (status, headers, body). Every request is
+    recorded in `.requests` and put on `.queue` (wait for one with `.next_request(timeout)`).
+    """
+
+    def __init__(self, handler: Callable[[str, str, Mapping[str, str]], tuple[int, dict[str, str], bytes]]) -> None:
+        outer = self
+        self.requests: list[tuple[str, str]] = []
+        self.queue: queue.Queue[tuple[str, str]] = queue.Queue()
+
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                outer.requests.append(("GET", self.path))
+                status, headers, body = handler("GET", self.path, dict(self.headers))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                outer.queue.put(("GET", self.path))
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="e2e-loopback", daemon=True)
+        self._thread.start()
+
+    def next_request(self, timeout: float = 30) -> tuple[str, str]:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise HarnessError(f"no request reached {self.url} within {timeout:.0f}s") from None
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_redirect_receiver(path: str = "/callback") -> LoopbackServer:
+    """What a native MCP client runs to receive the authorization response (RFC 8252 loopback redirect)."""
+
+    def handle(method: str, target: str, headers: Mapping[str, str]):
+        if urlsplit(target).path != path:
+            return 404, {"Content-Type": "text/plain"}, b"not found"
+        body = b"<!doctype html><title>Done</title><p id='done'>Authorization finished; close this window.</p>"
+        return 200, {"Content-Type": "text/html; charset=utf-8"}, body
+
+    server = LoopbackServer(handle)
+    server.redirect_uri = f"{server.url}{path}"  # type: ignore[attr-defined]
+    return server
+
+
+def start_document_server(documents: Mapping[str, Any], *, cache_control: str = "max-age=300") -> LoopbackServer:
+    """Serves JSON documents by path (e.g. a client ID metadata document), application/json."""
+
+    def handle(method: str, target: str, headers: Mapping[str, str]):
+        document = documents.get(urlsplit(target).path)
+        if document is None:
+            return 404, {"Content-Type": "application/json"}, b'{"error": "not found"}'
+        return 200, {"Content-Type": "application/json", "Cache-Control": cache_control}, json.dumps(document).encode()
+
+    return LoopbackServer(handle)

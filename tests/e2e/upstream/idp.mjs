@@ -31,6 +31,8 @@
 //                         and usable at userinfo. false: the `resource` parameter is ignored.
 //   strict_client_id      false; true rejects a token/revocation/introspection request that sends
 //                         client_id in the body as well as in a Basic Authorization header
+//   clock_tolerance       15 (oidc-provider's default): seconds an expired token is still accepted, e.g. at
+//                         userinfo; 0 makes expiry exact (tests of upstream token expiry need that)
 //   token_delay_ms        0; delay every token-endpoint response (to widen concurrency windows)
 //   token_failures        {count, status, error}: answer the next `count` token requests with an error
 //   extra_scopes          extra scope names the IdP knows (besides openid offline_access profile email)
@@ -258,6 +260,7 @@ function buildProvider(issuer) {
       email: ['email', 'email_verified'],
     },
     findAccount: async (ctx, sub) => account(sub),
+    clockTolerance: input.clock_tolerance ?? 15,
     responseTypes: ['code'],
     features: {
       devInteractions: { enabled: false }, // ours below is drivable over plain HTTP

@@ -1,0 +1,140 @@
+"""Production shape: several stateless proxy processes on one PostgreSQL database behind a load balancer.
+
+All state an authorization needs between its steps (the pending request, consent, the upstream state and
+PKCE verifier, codes, tokens, the upstream session) must live in the database, so any process can serve
+any step. The load balancer (proxy.LoadBalancer) sends each request where the test says and records it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+try:  # importable both as a top-level module (pytest rootdir insertion) and as a package module
+    import harness
+    from harness import bearer_of, sleep_until, tool_text
+except ImportError:  # pragma: no cover
+    from tests.e2e import harness
+    from tests.e2e.harness import bearer_of, sleep_until, tool_text
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not harness.node_available(), reason="e2e upstream not installed: run tests/e2e/install.sh"),
+]
+
+
+def served_by(cluster, path_suffix: str, since: int = 0) -> list[int]:
+    """Which backend served each request whose path ends with `path_suffix` (in order)."""
+    return [r.backend for r in cluster.lb.log[since:] if r.path.endswith(path_suffix)]
+
+
+def test_flow_starts_on_one_process_and_finishes_on_the_other(make_cluster):
+    cluster = make_cluster(processes=2)
+    slug = cluster.slug
+
+    # Phase 1: discovery, registration, authorize and consent on process A; from the upstream's
+    # redirect to the callback on, everything on process B.
+    phase = {"backend": 0}
+
+    def switch_at_callback(method: str, path: str) -> int:
+        if path == f"/oauth/{slug}/callback":
+            phase["backend"] = 1
+        return phase["backend"]
+
+    cluster.lb.route = switch_at_callback
+    alice = cluster.client(username="alice")
+
+    async def first():
+        return tool_text(await alice.call_tool("whoami"))
+
+    assert anyio.run(first) == "alice"
+    assert served_by(cluster, f"/oauth/{slug}/register") == [0]
+    assert served_by(cluster, f"/oauth/{slug}/authorize") == [0]
+    assert set(served_by(cluster, f"/oauth/{slug}/consent")) == {0}  # shown and approved on A
+    assert served_by(cluster, f"/oauth/{slug}/callback") == [1]  # upstream state checked on B
+    assert served_by(cluster, f"/oauth/{slug}/token") == [1]  # code redeemed on B
+    assert set(served_by(cluster, f"/mcp/{slug}")) == {0, 1}  # the 401 on A, the tool call on B
+    [authorization] = alice.authorizations
+    assert authorization.outcome.params["iss"] == cluster.issuer
+
+    # Phase 2: every request goes to the other process than the one before (round robin): a second
+    # client and user, a refresh, and an MCP session whose messages alternate between the processes.
+    cluster.lb.route = None
+    mark = len(cluster.lb.log)
+    bob = cluster.client(username="bob", client_name="Second client")
+
+    async def second():
+        provider = bob.new_provider()
+        assert tool_text(await bob.call_tool("whoami", provider=provider)) == "bob"
+        # the proxy's refresh grant, on whichever process the balancer picks: the client app is told its
+        # access token expired (the SDK's own expiry bookkeeping), so it refreshes before the next request
+        provider.context.token_expiry_time = time.time() - 1
+        async with bob.connect(provider) as session:
+            for _ in range(3):
+                assert tool_text(await session.call_tool("whoami", {})) == "bob"
+
+    anyio.run(second)
+    steps = cluster.lb.log[mark:]
+    backends = [r.backend for r in steps]
+    assert all(a != b for a, b in zip(backends, backends[1:], strict=False))  # strictly alternating
+    assert all((r.status or 500) < 500 for r in steps), [(r.method, r.path, r.status) for r in steps]
+    refreshes = [e for e in bob.requests(path_suffix="/token") if e.form.get("grant_type") == "refresh_token"]
+    assert len(refreshes) == 1 and refreshes[0].status == 200
+    assert set(served_by(cluster, f"/mcp/{slug}", since=mark)) == {0, 1}
+    assert len(bob.authorizations) == 1
+
+    stats = cluster.idp.stats()
+    assert stats["logins"] == 2
+    assert stats["token"]["by_client"] == {cluster.upstream_client_id: {"authorization_code": 2}}
+    assert cluster.mcp.stats()["unauthorized"] == 0
+    for process in cluster.processes:
+        assert process.is_running()
+
+
+def test_upstream_refresh_once_across_processes(make_cluster):
+    """An upstream token falls due while requests for the same grant arrive at both processes at once:
+    the upstream sees exactly one refresh (it rotates refresh tokens and would revoke the grant on a
+    second use of the old one), and every request succeeds with the fresh token."""
+    ttl = 6
+    cluster = make_cluster(processes=2, idp_config={"access_token_ttl": ttl, "rotate_refresh_tokens": True})
+    cluster.lb.route = lambda method, path: 0
+    client = cluster.client()
+
+    async def login():
+        return bearer_of(await client.call_tool("echo_auth"))
+
+    upstream_token = anyio.run(login)
+    proxy_token = client.storage.tokens.access_token
+    expiry = cluster.idp.introspect(upstream_token, cluster.upstream_client_id)["exp"]
+    cluster.idp.reset_stats()
+    cluster.idp.set_config(token_delay_ms=400)  # a slow upstream widens the window for a double refresh
+    cluster.lb.route = None  # round robin: the concurrent sessions alternate between the processes
+    mark = len(cluster.lb.log)
+    sessions = 6
+
+    async def concurrent():
+        await sleep_until(expiry - 0.5)  # due for refresh (UPSTREAM_REFRESH_MARGIN=2s), not expired
+        results: list[str] = []
+
+        async def one() -> None:
+            async with client.connect(bearer=proxy_token) as session:
+                results.append(tool_text(await session.call_tool("whoami", {})))
+                results.append(bearer_of(await session.call_tool("echo_auth", {})))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(sessions):
+                tg.start_soon(one)
+        return results
+
+    results = anyio.run(concurrent)
+    assert results.count("alice") == sessions
+    tokens = {r for r in results if r != "alice"}
+    assert len(tokens) == 1 and upstream_token not in tokens, "one fresh upstream token for everybody"
+    stats = cluster.idp.stats()
+    assert stats["token"]["by_grant_type"] == {"refresh_token": 1}
+    assert stats["token"]["errors"] == {}
+    initializes = [r.backend for r in cluster.lb.log[mark:] if r.method == "POST" and r.path.endswith(cluster.slug)]
+    assert set(initializes) == {0, 1}
+    assert cluster.mcp.stats()["unauthorized"] == 0

@@ -1,0 +1,183 @@
+"""Servers for the gateway tests, each run by uvicorn in a background thread of the test process.
+
+- ``ServerThread(app)``: any ASGI app on a loopback port chosen at run time; ready when uvicorn says
+  it started (polled, no fixed sleep). The proxy runs this way, so it sees the test's database rows.
+- ``InternalMcpServer``: the internal MCP server behind the gateway, built with the official MCP Python
+  SDK, wrapped in a small ASGI layer that records what reached it and can refuse chosen bearer tokens
+  with 401 (like a resource server whose token the upstream revoked).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import anyio
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+
+MCP_PATH = "/mcp"
+
+
+class ServerThread:
+    def __init__(self, app, *, name: str, ready_timeout: float = 15.0, lifespan: str = "on") -> None:
+        # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP;
+        # with proto 0 every two-part response (headers, body) waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port: int = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{name}", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + ready_timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"{name} exited before it started")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not start within {ready_timeout}s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def build_mcp() -> MCPServer:
+    mcp = MCPServer("gateway-test-internal", version="1.0.0")
+
+    def incoming_headers(ctx: Context) -> dict[str, str]:
+        headers = getattr(ctx.request_context.request, "headers", None) or {}
+        return {k.lower(): v for k, v in headers.items()}
+
+    @mcp.tool()
+    def echo(text: str) -> str:
+        """Return the text."""
+        return text
+
+    @mcp.tool()
+    def echo_auth(ctx: Context) -> str:
+        """Return the Authorization header this request carried ("" when none)."""
+        return incoming_headers(ctx).get("authorization", "")
+
+    @mcp.tool()
+    def echo_headers(ctx: Context) -> dict[str, str]:
+        """Return every HTTP header this request carried."""
+        return incoming_headers(ctx)
+
+    @mcp.tool()
+    async def stream_progress(ctx: Context, count: int = 5, delay: float = 0.2) -> str:
+        """Send `count` progress notifications `delay` seconds apart, then return "done"."""
+        for i in range(1, count + 1):
+            await ctx.report_progress(i, count, f"step {i}/{count}")
+            if i < count:
+                await anyio.sleep(delay)
+        return "done"
+
+    @mcp.tool()
+    async def slow(seconds: float = 1.0) -> str:
+        """Sleep, then answer."""
+        await anyio.sleep(seconds)
+        return f"slept {seconds}"
+
+    @mcp.tool()
+    async def announce(ctx: Context) -> str:
+        """Send notifications/tools/list_changed, which travels on the session's GET stream."""
+        await ctx.session.send_tool_list_changed()
+        return "announced"
+
+    return mcp
+
+
+class InternalMcpServer:
+    """The SDK's streamable-HTTP app plus a recorder. ``reject_tokens``: bearer tokens answered with 401."""
+
+    def __init__(self, *, json_response: bool = False, stateless: bool = False) -> None:
+        self.app = build_mcp().streamable_http_app(
+            streamable_http_path=MCP_PATH, json_response=json_response, stateless_http=stateless
+        )
+        self.requests: dict[str, int] = {}
+        self.headers: list[dict[str, str]] = []
+        self.client_ports: list[int] = []  # the gateway's connection each request came on
+        self.reject_tokens: set[str] = set()
+        self.rejected = 0
+        self.set_cookie = False  # answer with a Set-Cookie header (the gateway must not keep or pass it)
+        self.open_streams = 0  # GET streams currently open
+        self._thread = ServerThread(self, name="internal-mcp")
+        self.url = f"{self._thread.base_url}{MCP_PATH}"
+
+    def stop(self) -> None:
+        self._thread.stop()
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.headers.clear()
+        self.client_ports.clear()
+        self.reject_tokens.clear()
+        self.rejected = 0
+        self.set_cookie = False
+
+    @property
+    def last_headers(self) -> dict[str, str]:
+        return self.headers[-1]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/") != MCP_PATH:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        self.requests[scope["method"]] = self.requests.get(scope["method"], 0) + 1
+        self.headers.append(headers)
+        self.client_ports.append(scope["client"][1])
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token in self.reject_tokens:
+            self.rejected += 1
+            body = json.dumps({"error": "invalid_token"}).encode()
+            await send({
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b'Bearer error="invalid_token", resource_metadata="http://internal/x"'),
+                ],
+            })
+            await send({"type": "http.response.body", "body": body})
+            return
+        if self.set_cookie:
+            send = _with_cookie(send)
+        if scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        self.open_streams += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open_streams -= 1
+
+
+def wait_for(predicate, timeout: float = 5.0) -> Any:
+    """Poll until predicate() is truthy (for effects that happen on a server's own thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def _with_cookie(send):
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], (b"set-cookie", b"route=internal-1; Path=/")]}
+        await send(message)
+
+    return sending
