@@ -1,5 +1,6 @@
 """Django admin: where platform admins and teams configure MCP servers (DESIGN §1), and the operator's
-console: discovery, connection check, clients, sessions, quotas and the audit log.
+console: discovery, connection check, "Try it" (a real upstream login by the admin), clients, sessions,
+quotas and the audit log.
 
 Staff who are not superusers see and change only their teams' objects; another team's object answers
 404 exactly like a missing one (DESIGN §5.11). Every change goes through an audited service.
@@ -31,7 +32,9 @@ from .services.discovery import (
 )
 from .services.quotas import quota_usage, quota_usage_many
 from .services.sessions import client_delete, client_update, sessions_revoke
+from .services.try_it import TryItUnavailable, try_it_result_get, try_it_start
 from .services.upstream_sessions import upstream_session_revoke
+from .views.callback import try_it_cookie_set
 
 # django-oauth-toolkit registers admin pages for its (here swapped) models. Clients get our own page
 # below; raw tokens and codes are hashes, useless to an operator, who manages sessions instead.
@@ -259,6 +262,9 @@ class McpServerAdmin(TeamScopedAdmin):
             path("discover/", wrap(self.discover_view), name="oauthproxy_mcpserver_discover_new"),
             path("<path:object_id>/discover/", wrap(self.discover_view), name="oauthproxy_mcpserver_discover"),
             path("<path:object_id>/check/", wrap(self.check_view), name="oauthproxy_mcpserver_check"),
+            path("<path:object_id>/try-it/<int:event_id>/", wrap(self.try_it_result_view),
+                 name="oauthproxy_mcpserver_try_it_result"),
+            path("<path:object_id>/try-it/", wrap(self.try_it_view), name="oauthproxy_mcpserver_try_it"),
             path("<path:object_id>/revoke-sessions/", wrap(self.revoke_sessions_view),
                  name="oauthproxy_mcpserver_revoke_sessions"),
         ] + super().get_urls()
@@ -327,6 +333,38 @@ class McpServerAdmin(TeamScopedAdmin):
             "title": f"Connection check: {server}",
             "checks": checks,
             "server": server,
+        }, obj=server)
+
+    def try_it_view(self, request, object_id):
+        """GET: what the test does; POST: start it (the browser goes to the upstream's login page)."""
+        server = self.visible_object_or_404(request, object_id)
+        if not self.has_change_permission(request, server):
+            raise PermissionDenied
+        if request.method == "POST":
+            try:
+                start = try_it_start(server=server, actor=request.user)
+            except TryItUnavailable as exc:
+                self.message_user(request, exc.reason, messages.ERROR)
+            else:
+                response = HttpResponseRedirect(start.url)
+                try_it_cookie_set(response, request, server=server, key=start.browser_key)
+                return response
+        return self.render_page(request, "admin/oauthproxy/mcpserver/try_it.html", {
+            "title": f"Try it: {server}",
+            "server": server,
+        }, obj=server)
+
+    def try_it_result_view(self, request, object_id, event_id):
+        server = self.visible_object_or_404(request, object_id)
+        if not self.has_change_permission(request, server):
+            raise PermissionDenied
+        result = try_it_result_get(server=server, event_id=event_id, user=request.user)
+        if result is None:
+            raise Http404("No such test of this server.")
+        return self.render_page(request, "admin/oauthproxy/mcpserver/try_it.html", {
+            "title": f"Try it: {server}",
+            "server": server,
+            "result": result,
         }, obj=server)
 
     def revoke_sessions_view(self, request, object_id):

@@ -2,11 +2,12 @@
 
 from django.urls import include, path
 
-from .views import health
+from .views import health, metrics
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics, name="metrics"),
     # /.well-known/... (RFC 8414, RFC 9728, OIDC discovery)
     path("", include("oauthproxy.routes.discovery")),
     # /oauth/<slug>/register[/<client_id>] (RFC 7591, RFC 7592)

@@ -24,11 +24,11 @@ async def application(scope, receive, send):
         if slug is not None:
             return await gateway_asgi(scope, receive, send, slug=slug)
     elif scope["type"] == "lifespan":
-        return await _lifespan(receive, send)
+        return await lifespan(receive, send)
     return await django_application(scope, receive, send)
 
 
-async def _lifespan(receive, send):
+async def lifespan(receive, send):
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

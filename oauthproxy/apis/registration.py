@@ -8,7 +8,8 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
 from oauth2_provider.utils import parse_bearer_token
 
-from ..exceptions import InvalidClientMetadata, InvalidToken
+from .. import metrics
+from ..exceptions import InvalidClientMetadata, InvalidToken, OAuthError
 from ..models import Client
 from ..ratelimit import client_ip, rate_limit_hit
 from ..services.registration import (
@@ -43,8 +44,13 @@ class ClientRegisterApi(_RegistrationApi):
 
     def post(self, request, slug: str):
         server = self.server_get(slug)
-        rate_limit_hit(name="register:ip", key=f"{server.slug}:{client_ip(request)}")
-        registration = client_register(server=server, data=_json_object(request), remote_addr=client_ip(request))
+        try:
+            rate_limit_hit(name="register:ip", key=f"{server.slug}:{client_ip(request)}")
+            registration = client_register(server=server, data=_json_object(request), remote_addr=client_ip(request))
+        except OAuthError as exc:
+            metrics.registration_record(server=server.slug, outcome=exc.error)
+            raise
+        metrics.registration_record(server=server.slug, outcome="created")
         body = client_information(
             client=registration.client,
             registration_access_token=registration.registration_access_token,

@@ -20,6 +20,7 @@ class AuditEvent(models.Model):
         SESSION_REVOKED = "session.revoked"
         QUOTA_EXCEEDED = "quota.exceeded"
         ADMIN_CHANGE = "admin.change"
+        ADMIN_TRY_IT = "admin.try_it", "Admin test login (Try it)"
 
     created = models.DateTimeField(auto_now_add=True, db_index=True)
     kind = models.CharField(max_length=40, choices=Kind.choices, db_index=True)

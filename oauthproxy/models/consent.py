@@ -2,7 +2,9 @@
 
 import uuid
 
+from django.conf import settings
 from django.db import models
+from django.db.models import Q
 
 from ..fields import EncryptedTextField
 from .clients import Client
@@ -33,11 +35,19 @@ class PendingAuthorization(models.Model):
     the consent page shows it). Approval sets ``approved_at`` and the upstream ``state``, stored as a
     checksum only; it is single use (``consumed_at``), expires quickly and is bound to the browser that
     started the flow and approved it (``browser_key_checksum``).
+
+    An admin's "Try it" test of a server (``services.try_it``) is the same row with a ``tester`` instead
+    of a ``client``: no client, redirect URI or client PKCE; it is created approved (the admin asked for
+    it) and its callback ends on an admin result page instead of at a client.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     server = models.ForeignKey(McpServer, on_delete=models.CASCADE, related_name="+")
-    client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="+")
+    # Exactly one of the two: an MCP client's authorization, or an admin's test of the upstream.
+    client = models.ForeignKey(Client, on_delete=models.CASCADE, related_name="+", null=True, blank=True)
+    tester = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+", null=True, blank=True
+    )
     # Empty until consent is given: no upstream state exists before approval (DESIGN §5.6).
     state_checksum = models.CharField(max_length=64, unique=True, null=True, blank=True)
     browser_key_checksum = models.CharField(max_length=64)
@@ -53,5 +63,20 @@ class PendingAuthorization(models.Model):
     approved_at = models.DateTimeField(null=True, blank=True)
     consumed_at = models.DateTimeField(null=True, blank=True)
 
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(client__isnull=False) & Q(tester__isnull=True))
+                | (Q(client__isnull=True) & Q(tester__isnull=False)),
+                name="pendingauthorization_client_xor_tester",
+            )
+        ]
+
     def __str__(self) -> str:
+        if self.is_try_it:
+            return f"test authorization {self.pk} by user {self.tester_id}"
         return f"pending authorization {self.pk} for {self.client_id}"
+
+    @property
+    def is_try_it(self) -> bool:
+        return self.tester_id is not None

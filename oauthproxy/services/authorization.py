@@ -17,6 +17,10 @@ Three steps, each a service the (thin) views call:
    only as its SHA-256), and answers the client redirect URL.
 
 Browser binding: the views keep a random key in an HttpOnly cookie; only its SHA-256 is stored.
+
+An admin's "Try it" test of a server (``services.try_it``) shares the upstream half: the same state, PKCE
+and browser binding (``upstream_redirect_prepare``), and the same callback URL, where
+``authorization_complete`` hands it over to ``try_it_complete``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from django.urls import reverse
 from django.utils import timezone
 from oauth2_provider.settings import oauth2_settings
 
+from .. import metrics
 from ..exceptions import (
     AccessDenied,
     InvalidClient,
@@ -317,6 +322,7 @@ def authorization_begin(*, auth_request: AuthorizationRequest, browser_key: str)
         resource=auth_request.resource,
         expires_at=now + timedelta(seconds=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"]),
     )
+    metrics.authorization_started(server=auth_request.server.slug)
     if consent_is_remembered(
         client=auth_request.client,
         redirect_uri=auth_request.redirect_uri,
@@ -463,8 +469,16 @@ def _approve(pending: PendingAuthorization, *, now: datetime) -> str:
     try:
         quota_consume(client=pending.client, operation="authorize")
     except QuotaExceeded as exc:
+        metrics.authorization_failed(server=server.slug, reason="quota")
         raise ErrorRedirect(exc, redirect_uri=pending.redirect_uri, state=pending.client_state,
                             issuer=server.issuer_url)
+    return upstream_redirect_prepare(pending, now=now)
+
+
+def upstream_redirect_prepare(pending: PendingAuthorization, *, now: datetime) -> str:
+    """Approve ``pending`` for the trip upstream: a random single-use state (stored as its checksum only,
+    short-lived) and the proxy's own PKCE verifier; save it and answer the upstream authorization URL."""
+    server = pending.server
     state = secrets.token_urlsafe(32)
     pending.state_checksum = checksum(state)
     pending.approved_at = now
@@ -499,6 +513,7 @@ def authorization_deny(*, pending: PendingAuthorization) -> str:
     ).update(consumed_at=timezone.now())
     if not closed:
         raise InvalidRequest("This authorization request was already answered.")
+    metrics.authorization_failed(server=pending.server.slug, reason="consent_denied")
     audit_record(
         kind=AuditEvent.Kind.CONSENT_DENIED,
         server=pending.server,
@@ -555,6 +570,7 @@ def _pending_claim(*, server: McpServer, state: str, browser_key: str | None) ->
         raise InvalidRequest("This sign-in was already completed. Start again from your application.")
     if not _redirect_uri_registered(pending.client, pending.redirect_uri):
         raise InvalidRequest("The application's redirect URI changed. Start again from your application.")
+    metrics.authorization_failed(server=server.slug, reason="expired")
     raise ErrorRedirect(
         AccessDenied("The sign-in took too long. Please try again."),
         redirect_uri=pending.redirect_uri,
@@ -581,16 +597,30 @@ def _upstream_failure(
 
 
 def authorization_complete(
-    *, server: McpServer, params: Mapping[str, Sequence[str]], browser_key: str | None
+    *,
+    server: McpServer,
+    params: Mapping[str, Sequence[str]],
+    browser_key: str | None,
+    try_it_key: str | None = None,
+    user=None,
 ) -> str:
     """Handle the upstream's redirect back to ``/oauth/<slug>/callback``; answer the client redirect URL
     (with a proxy authorization code, or an OAuth error). Raises ``OAuthError`` when the request cannot be
-    tied to a pending authorization of this browser (render it as a page)."""
+    tied to a pending authorization of this browser (render it as a page).
+
+    A state that belongs to an admin's "Try it" test goes to ``try_it_complete`` (with the test's own
+    browser key ``try_it_key`` and the logged-in ``user``), which answers the admin result page URL."""
     state = _one(params, "state")
     if not state:
         raise InvalidRequest("The sign-in response has no state. Start again from your application.")
     if len(state) > 512 or _CONTROL_RE.search(state):
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
+    if PendingAuthorization.objects.filter(
+        state_checksum=checksum(state), server=server, tester__isnull=False
+    ).exists():
+        from .try_it import try_it_complete  # services.try_it builds on this module
+
+        return try_it_complete(server=server, state=state, params=params, browser_key=try_it_key, user=user)
     try:
         pending = _pending_claim(server=server, state=state, browser_key=browser_key)
     except ErrorRedirect as exc:
@@ -599,11 +629,13 @@ def authorization_complete(
     if not _redirect_uri_registered(client, pending.redirect_uri):
         raise InvalidRequest("The application's redirect URI changed. Start again from your application.")
 
-    def error_url(error: str, description: str) -> str:
+    def error_url(error: str, description: str, *, reason: str) -> str:
+        metrics.authorization_failed(server=server.slug, reason=reason)
         return _pending_error_url(pending, OAuthError(description, error=error))
 
     if not client.is_usable(None):
-        return error_url("unauthorized_client", "This application has been disabled by the administrator.")
+        return error_url("unauthorized_client", "This application has been disabled by the administrator.",
+                         reason="client_disabled")
 
     upstream_error = (params.get("error") or [""])[0]
     if upstream_error:
@@ -617,10 +649,12 @@ def authorization_complete(
             description=description,
         )
         if upstream_error == "access_denied":
-            return error_url("access_denied", "The sign-in was cancelled or refused at the identity provider.")
+            return error_url("access_denied", "The sign-in was cancelled or refused at the identity provider.",
+                             reason="upstream_denied")
         if upstream_error == "temporarily_unavailable":
-            return error_url("temporarily_unavailable", "The identity provider is temporarily unavailable.")
-        return error_url("server_error", "The identity provider reported an error.")
+            return error_url("temporarily_unavailable", "The identity provider is temporarily unavailable.",
+                             reason="upstream_error")
+        return error_url("server_error", "The identity provider reported an error.", reason="upstream_error")
 
     # RFC 9207 mix-up defence: an upstream that names itself must name the configured issuer.
     upstream_iss = (params.get("iss") or [""])[0]
@@ -630,7 +664,8 @@ def authorization_complete(
             reason=f"upstream callback iss {_text(upstream_iss, limit=200)!r} is not the configured issuer",
             step="authorization",
         )
-        return error_url("server_error", "The identity provider response could not be verified.")
+        return error_url("server_error", "The identity provider response could not be verified.",
+                         reason="upstream_error")
 
     try:
         code = _one(params, "code")
@@ -638,7 +673,8 @@ def authorization_complete(
         code = None
     if not code or len(code) > 4096 or _CONTROL_RE.search(code):
         _upstream_failure(pending, reason="upstream callback without a usable code", step="authorization")
-        return error_url("server_error", "The identity provider returned no authorization code.")
+        return error_url("server_error", "The identity provider returned no authorization code.",
+                         reason="upstream_error")
 
     upstream = UpstreamClient(server)
     tokens: TokenSet | None = None
@@ -650,8 +686,10 @@ def authorization_complete(
             _upstream_tokens_discard(upstream, tokens)
         _upstream_failure(pending, reason=exc.reason, step="code exchange", upstream_error=exc.upstream_error)
         if exc.oauth_error == "temporarily_unavailable":
-            return error_url("temporarily_unavailable", "The identity provider is temporarily unavailable.")
-        return error_url("server_error", "The sign-in could not be completed at the identity provider.")
+            return error_url("temporarily_unavailable", "The identity provider is temporarily unavailable.",
+                             reason="code_exchange")
+        return error_url("server_error", "The sign-in could not be completed at the identity provider.",
+                         reason="code_exchange")
 
     raw_code = secrets.token_urlsafe(32)
     with transaction.atomic():
@@ -668,6 +706,7 @@ def authorization_complete(
             resource=[server.resource_url],
             upstream_session=session,
         )
+    metrics.authorization_completed(server=server.slug)
     logger.info(
         "authorization completed server=%s client=%s subject_source=%s", server.slug, client.client_id, subject.source
     )

@@ -24,6 +24,7 @@ from oauthlib.oauth2.rfc6749.endpoints import RevocationEndpoint, TokenEndpoint
 from oauthlib.oauth2.rfc6749.grant_types import AuthorizationCodeGrant, RefreshTokenGrant
 from oauthlib.oauth2.rfc6749.tokens import BearerToken
 
+from .. import metrics
 from ..exceptions import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
 from ..models import AuditEvent, Client, IntrospectionCredential, McpServer, RefreshToken, UpstreamSession
 from ..oauth.validator import (
@@ -172,6 +173,7 @@ def oauth_error_endpoint_response(exc: OAuthError, *, server: McpServer | None) 
 
 def token_request_handle(*, server: McpServer, request: HttpRequest) -> EndpointResponse:
     """POST /oauth/<slug>/token: authorization_code (with PKCE) and refresh_token grants."""
+    grant_type = None
     try:
         form = form_read(request, allowed=TOKEN_PARAMETERS)
         params = dict(form)
@@ -185,6 +187,7 @@ def token_request_handle(*, server: McpServer, request: HttpRequest) -> Endpoint
         if not credentials.client_id:
             raise InvalidClient("Client authentication failed: send client_id.")
     except OAuthError as exc:
+        metrics.token_request_record(server=server.slug, grant_type=grant_type, outcome=exc.error)
         return oauth_error_endpoint_response(exc, server=server)
 
     core, validator = _core(server=server, credentials=credentials, form=form)
@@ -197,7 +200,21 @@ def token_request_handle(*, server: McpServer, request: HttpRequest) -> Endpoint
         elif status == 200:
             _tokens_issued(server=server, grant_type=grant_type, outcome=outcome, body=body)
     _sessions_end(server=server, outcome=outcome)
+    metrics.token_request_record(
+        server=server.slug,
+        grant_type=grant_type,
+        outcome=("replayed" if outcome.replay_body is not None else "issued") if status == 200 else _error_code(body),
+    )
     return EndpointResponse(status, body, _json_headers(server=server, status=status))
+
+
+def _error_code(body: str) -> str:
+    """The ``error`` of an RFC 6749 §5.2 error body (for the metrics)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return "server_error"
+    return error if isinstance(error, str) else "server_error"
 
 
 def _tokens_issued(*, server: McpServer, grant_type: str, outcome: TokenRequestOutcome, body: str) -> None:

@@ -8,6 +8,7 @@ an operator can act on. Policy (when to refresh, what to store) lives in ``upstr
 import base64
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -19,6 +20,7 @@ from django.core.cache import cache
 from django.utils import timezone
 from requests.adapters import HTTPAdapter
 
+from .. import metrics
 from ..exceptions import UpstreamError
 from ..models import McpServer
 
@@ -64,20 +66,30 @@ def _read_json(response: requests.Response, *, what: str) -> dict:
     return data
 
 
-def _request(method: str, url: str, *, what: str, **kwargs) -> requests.Response:
+def _request(method: str, url: str, *, what: str, server: str | None = None, **kwargs) -> requests.Response:
+    """One upstream call (``server``: the slug, for the metrics only)."""
+    outcome = "error"
+    started = time.perf_counter()
     try:
         response = http_session().request(
             method, url, timeout=_timeouts(), allow_redirects=False, stream=True, **kwargs
         )
+        outcome = metrics.status_class(response.status_code)
     except requests.Timeout:
+        outcome = "timeout"
         raise UpstreamError(f"{what}: timed out", oauth_error="temporarily_unavailable")
     except requests.ConnectionError as exc:
+        outcome = "connection_error"
         raise UpstreamError(
             f"{what}: cannot connect to {urlsplit(url).netloc} ({type(exc).__name__})",
             oauth_error="temporarily_unavailable",
         )
     except requests.RequestException as exc:
         raise UpstreamError(f"{what}: request failed ({type(exc).__name__})", oauth_error="server_error")
+    finally:
+        metrics.upstream_request_record(
+            server=server, what=what, outcome=outcome, seconds=time.perf_counter() - started
+        )
     return response
 
 
@@ -166,7 +178,7 @@ class UpstreamClient:
             body["client_secret"] = server.client_secret
         else:  # none: a public upstream client
             body["client_id"] = server.client_id
-        response = _request("POST", server.token_endpoint, what=what, data=body, headers=headers)
+        response = _request("POST", server.token_endpoint, what=what, data=body, headers=headers, server=server.slug)
         if response.status_code >= 500:
             raise UpstreamError(f"{what}: HTTP {response.status_code}", oauth_error="temporarily_unavailable")
         payload = _read_json(response, what=what)
@@ -216,7 +228,7 @@ class UpstreamClient:
             if server.upstream_auth_method == "client_secret_post":
                 body["client_secret"] = server.client_secret
         try:
-            response = _request("POST", endpoint, what="revocation", data=body, headers=headers)
+            response = _request("POST", endpoint, what="revocation", data=body, headers=headers, server=server.slug)
         except UpstreamError as exc:
             logger.warning("upstream revocation failed for %s: %s", server.slug, exc.reason)
             return False
@@ -230,6 +242,7 @@ class UpstreamClient:
             self.server.userinfo_endpoint,
             what="userinfo",
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+            server=self.server.slug,
         )
         if response.status_code != 200:
             response.close()
@@ -251,7 +264,8 @@ class UpstreamClient:
         ]
         for url in candidates:
             try:
-                response = _request("GET", url, what="upstream discovery", headers={"Accept": "application/json"})
+                response = _request("GET", url, what="upstream discovery", headers={"Accept": "application/json"},
+                                    server=self.server.slug)
                 if response.status_code == 200:
                     data = _read_json(response, what="upstream discovery")
                     cache.set(cache_key, data, 3600)
@@ -307,7 +321,8 @@ class UpstreamClient:
         jwks = cache.get(cache_key)
         for _attempt in range(2):
             if jwks is None:
-                response = _request("GET", jwks_uri, what="jwks", headers={"Accept": "application/json"})
+                response = _request("GET", jwks_uri, what="jwks", headers={"Accept": "application/json"},
+                                    server=self.server.slug)
                 jwks = _read_json(response, what="jwks")
                 cache.set(cache_key, jwks, 3600)
             try:

@@ -18,12 +18,14 @@ import io
 import json
 import logging
 import re
+import time
 
 from django.core.handlers.asgi import ASGIRequest
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from .. import metrics
 from ..exceptions import OAuthError, oauth_error_response
 from ..gateway_auth import bearer_challenge, gateway_token_authenticate
 from ..services.gateway import (
@@ -59,14 +61,24 @@ async def gateway(request: HttpRequest, slug: str) -> HttpResponseBase:
 
 async def gateway_handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedResponse:
     """The gateway's answer: an error response of its own, or the internal server's (body unread)."""
+    started = time.perf_counter()
     try:
-        return await _handle(request, slug)
+        result = await _handle(request, slug)
     except DatabaseError:
         # Only cache misses reach the database: cached tokens keep working while it is away.
         logger.exception("gateway %s: database unavailable", slug)
-        response = jsonrpc_response(503, "The gateway is temporarily unavailable; try again shortly.")
-        response["Retry-After"] = "5"
-        return response
+        result = jsonrpc_response(503, "The gateway is temporarily unavailable; try again shortly.")
+        result["Retry-After"] = "5"
+    own_answer = isinstance(result, HttpResponseBase)
+    status = result.status_code if own_answer else result.status
+    # The gateway's own 404/405 come before the server is known to exist: no slug label for those.
+    metrics.gateway_request_record(
+        server=None if own_answer and status in (404, 405) else slug,
+        method=request.method,
+        status=status,
+        seconds=time.perf_counter() - started,  # until headers: long SSE streams do not distort it
+    )
+    return result
 
 
 async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedResponse:

@@ -21,6 +21,9 @@ PUBLIC_BASE_URL = env_str("PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"
 # Generate one with: python -c "import base64,os;print(base64.urlsafe_b64encode(os.urandom(32)).decode())"
 PROXY_ENCRYPTION_KEYS = env_list("PROXY_ENCRYPTION_KEYS")
 
+# GET /metrics (Prometheus) is open unless this is set; then scrapers send "Authorization: Bearer <token>".
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

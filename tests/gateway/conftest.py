@@ -121,11 +121,6 @@ def make_grant(
 
 
 @pytest.fixture
-def grant_factory():
-    return make_grant
-
-
-@pytest.fixture
 def gateway(transactional_db, proxy, internal):
     """A server `crm` whose gateway forwards to the internal server, and a grant for it."""
     server = make_server(slug="crm", mcp_url=internal.url)

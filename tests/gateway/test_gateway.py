@@ -151,12 +151,15 @@ def test_client_credentials_and_cookies_stay_at_the_gateway(gateway, gateway_url
         "X-MCP-Subject": "mallory",
         "X-MCP-Client-Id": "forged",
         "X-Custom": "not forwarded",
+        "Last-Event-ID": "evt-41",
     }
     first = httpx.post(url, json=INITIALIZE, headers=client_headers, timeout=10)
     assert first.status_code == 200
     assert "set-cookie" not in first.headers  # the internal server's cookie is not passed on...
     received = internal.last_headers
     assert received["authorization"] == f"Bearer {gateway.upstream_token}"
+    assert received["last-event-id"] == "evt-41"
+    assert received["accept"] == ACCEPT["Accept"] and received["content-type"] == "application/json"
     for name in ("cookie", "origin", "x-mcp-subject", "x-mcp-client-id", "x-custom"):
         assert name not in received, name
     # ... nor kept by the gateway for the next request (of possibly another user).
@@ -206,10 +209,10 @@ def test_json_answers_keep_their_content_type_and_length(transactional_db, proxy
 @pytest.fixture(scope="module")
 def django_only_proxy():
     """The proxy served by Django's own ASGI handler (full middleware), without the lean /mcp/ entry."""
-    from proxy_site.asgi import _lifespan, django_application
+    from proxy_site.asgi import django_application, lifespan
 
     async def app(scope, receive, send):  # Django's handler, plus the lifespan that closes the pool
-        handler = _lifespan(receive, send) if scope["type"] == "lifespan" else django_application(scope, receive, send)
+        handler = lifespan(receive, send) if scope["type"] == "lifespan" else django_application(scope, receive, send)
         await handler
 
     server = ServerThread(app, name="proxy-django")
