@@ -6,6 +6,7 @@ client's egress IPs (DESIGN §5.9); the IP address only where nothing better exi
 enough for a NAT of many users.
 """
 
+import hashlib
 import time
 
 from django.conf import settings
@@ -35,7 +36,9 @@ def rate_limit_hit(*, name: str, key: str) -> None:
         return
     now = int(time.time())
     bucket = now // window
-    cache_key = f"rl:{name}:{key}:{bucket}"
+    # The key may hold client-supplied text (a client_id): hash it so any cache backend accepts it.
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    cache_key = f"rl:{name}:{digest}:{bucket}"
     # add() is atomic on Redis and locmem; incr() then counts.
     if cache.add(cache_key, 1, timeout=window + 1):
         count = 1

@@ -15,12 +15,9 @@ upstream request), for tests that need more than the code.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,49 +28,23 @@ from django.test import Client as HttpClient
 from jwt.algorithms import RSAAlgorithm
 
 from oauthproxy.models import Client, McpServer
+from tests import factories
+from tests.factories import DEFAULT_CODE_VERIFIER, DEFAULT_REDIRECT_URI, pkce_challenge
 
-DEFAULT_REDIRECT_URI = "http://127.0.0.1:33418/callback"
 DEFAULT_STATE = "client-state-5c1a"
 # An RFC 7636 verifier (43-128 unreserved characters) and its S256 challenge.
-DEFAULT_CODE_VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
 UPSTREAM_CODE = "upstream-authorization-code-7f3e"
 
 
 def pkce_pair(verifier: str | None = None) -> tuple[str, str]:
     """(code_verifier, S256 code_challenge); a fresh random verifier unless one is given."""
     verifier = verifier or secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-    return verifier, challenge
+    return verifier, pkce_challenge(verifier)
 
 
-def make_client(
-    server: McpServer,
-    *,
-    redirect_uris: Iterable[str] = (DEFAULT_REDIRECT_URI,),
-    public: bool = True,
-    name: str = "Test MCP Client",
-    registration_source: str = Client.RegistrationSource.DCR,
-    **overrides,
-) -> Client:
-    """A client registered at ``server`` (as DCR would create it). Confidential clients get a secret,
-    available in plain text as ``client.plain_client_secret`` (the row stores its hash)."""
-    secret = "" if public else secrets.token_urlsafe(32)
-    values = dict(
-        server=server,
-        name=name,
-        redirect_uris=" ".join(redirect_uris),
-        client_type=Client.CLIENT_PUBLIC if public else Client.CLIENT_CONFIDENTIAL,
-        authorization_grant_type=Client.GRANT_AUTHORIZATION_CODE,
-        token_endpoint_auth_method="none" if public else "client_secret_basic",
-        registration_source=registration_source,
-        client_secret=secret,
-        hash_client_secret=not public,
-        metadata={"client_name": name},
-    )
-    values.update(overrides)
-    client = Client.objects.create(**values)
-    client.plain_client_secret = secret
-    return client
+def make_client(server: McpServer, *, name: str = "Test MCP Client", **kwargs) -> Client:
+    """A client registered at ``server``, as DCR creates it (see ``tests.factories.make_client``)."""
+    return factories.make_client(server, name=name, **kwargs)
 
 
 def query_of(url: str) -> dict[str, str]:
