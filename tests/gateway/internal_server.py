@@ -15,9 +15,10 @@ import threading
 import time
 from typing import Any
 
-import anyio
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+
+from tests.e2e.mcp_server import build_mcp as build_e2e_mcp
 
 MCP_PATH = "/mcp"
 
@@ -53,41 +54,8 @@ class ServerThread:
 
 
 def build_mcp() -> MCPServer:
-    mcp = MCPServer("gateway-test-internal", version="1.0.0")
-
-    def incoming_headers(ctx: Context) -> dict[str, str]:
-        headers = getattr(ctx.request_context.request, "headers", None) or {}
-        return {k.lower(): v for k, v in headers.items()}
-
-    @mcp.tool()
-    def echo(text: str) -> str:
-        """Return the text."""
-        return text
-
-    @mcp.tool()
-    def echo_auth(ctx: Context) -> str:
-        """Return the Authorization header this request carried ("" when none)."""
-        return incoming_headers(ctx).get("authorization", "")
-
-    @mcp.tool()
-    def echo_headers(ctx: Context) -> dict[str, str]:
-        """Return every HTTP header this request carried."""
-        return incoming_headers(ctx)
-
-    @mcp.tool()
-    async def stream_progress(ctx: Context, count: int = 5, delay: float = 0.2) -> str:
-        """Send `count` progress notifications `delay` seconds apart, then return "done"."""
-        for i in range(1, count + 1):
-            await ctx.report_progress(i, count, f"step {i}/{count}")
-            if i < count:
-                await anyio.sleep(delay)
-        return "done"
-
-    @mcp.tool()
-    async def slow(seconds: float = 1.0) -> str:
-        """Sleep, then answer."""
-        await anyio.sleep(seconds)
-        return f"slept {seconds}"
+    """The end-to-end suite's internal MCP server (same tools), plus a tool that uses the GET stream."""
+    mcp = build_e2e_mcp(userinfo_url=None)
 
     @mcp.tool()
     async def announce(ctx: Context) -> str:
