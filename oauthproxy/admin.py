@@ -25,12 +25,11 @@ from .services.discovery import (
     DiscoveryError,
     discovery_default_fields,
     server_connection_check,
-    server_delete,
     server_discovery_apply,
-    server_save,
     upstream_discover,
 )
 from .services.quotas import quota_usage, quota_usage_many
+from .services.servers import server_delete, server_save
 from .services.sessions import client_delete, client_update, sessions_revoke
 from .services.try_it import TryItUnavailable, try_it_result_get, try_it_start
 from .services.upstream_sessions import upstream_session_revoke

@@ -169,3 +169,14 @@ def test_quota_fields_round_trip(json_file, tmp_path):
     run("import_servers", str(path))
     exported = json.loads(run("export_servers"))
     assert exported[0]["client_upstream_rate_limit"] == 30
+
+
+@pytest.mark.django_db
+def test_imports_are_audited_without_secrets(json_file):
+    from oauthproxy.models import AuditEvent
+
+    run("import_servers", str(json_file))
+    events = AuditEvent.objects.filter(kind=AuditEvent.Kind.ADMIN_CHANGE)
+    assert sorted(e.detail["slug"] for e in events) == ["crm", "wiki"]
+    assert all(e.message.startswith("import: ") for e in events)
+    assert "s3cret-crm" not in repr(list(events.values()))

@@ -31,12 +31,11 @@ from ..selectors import servers_visible_to
 from ..services.discovery import (
     DiscoveryError,
     server_connection_check,
-    server_delete,
     server_discovery_apply,
-    server_save,
     upstream_discover,
 )
 from ..services.quotas import quota_usage_many
+from ..services.servers import server_delete, server_save
 from ..services.sessions import client_delete, client_update, sessions_revoke
 from ..services.upstream_sessions import upstream_session_revoke
 

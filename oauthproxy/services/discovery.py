@@ -18,21 +18,12 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import requests
 from django.conf import settings
-from django.db import transaction
 
-from ..models import AuditEvent, McpServer
+from ..models import McpServer
 from ..models.servers import AUTH_METHODS
-from .audit import audit_record
-from .sessions import server_sessions_revoke
+from .servers import server_save
 from .upstream import UpstreamClient, http_session
 
-SECRET_FIELDS = frozenset({"client_secret"})
-_AUDITED_FIELDS = (
-    "slug", "name", "team", "mcp_url", "authorization_endpoint", "token_endpoint", "client_id", "client_secret",
-    "scopes", "token_endpoint_auth_methods_supported", "revocation_endpoint", "userinfo_endpoint", "issuer",
-    "extra_authorize_params", "use_pkce", "enabled", "access_token_lifetime", "refresh_token_lifetime",
-    "send_identity_headers", "client_upstream_rate_limit", "client_upstream_daily_quota",
-)
 SUGGESTED_SCOPES = ("openid", "email", "profile", "offline_access")
 _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -247,71 +238,6 @@ def server_discovery_apply(
             setattr(server, name, result.values[name])
     server.full_clean()
     return server_save(server=server, actor=actor, message_prefix="discovery applied: ")
-
-
-# -- audited saves ---------------------------------------------------------------------------------
-
-def _shown(name: str, value):
-    if name == "team":
-        return value.name if value is not None else None
-    return value
-
-
-def server_save(*, server: McpServer, actor, message_prefix: str = "") -> list[str]:
-    """Save a validated server and audit the change (``admin.change``): who, which fields, old and new
-    values, never a secret's value. Returns the names of the fields that changed ([] when none did; every
-    audited field when the server is new)."""
-    with transaction.atomic():
-        before = McpServer.objects.filter(pk=server.pk).select_related("team").first()
-        if before is None:
-            server.save()
-            audit_record(
-                kind=AuditEvent.Kind.ADMIN_CHANGE,
-                server=server,
-                actor=actor,
-                message=f"{message_prefix}server {server.slug} created",
-                detail={"object": "server", "action": "created", "slug": server.slug},
-            )
-            return list(_AUDITED_FIELDS)
-        changes: dict[str, object] = {}
-        for name in _AUDITED_FIELDS:
-            old, new = getattr(before, name), getattr(server, name)
-            if old == new:
-                continue
-            if name in SECRET_FIELDS:
-                changes[name] = "changed"
-            else:
-                changes[name] = {"from": _shown(name, old), "to": _shown(name, new)}
-        if not changes:
-            return []
-        server.save()
-        described = [f"{name} changed" if name in SECRET_FIELDS else name for name in changes]
-        audit_record(
-            kind=AuditEvent.Kind.ADMIN_CHANGE,
-            server=server,
-            actor=actor,
-            message=f"{message_prefix}server {server.slug}: " + ", ".join(described),
-            detail={"object": "server", "action": "changed", "slug": server.slug, "fields": list(changes),
-                    "changes": changes},
-        )
-    return list(changes)
-
-
-def server_delete(*, server: McpServer, actor) -> int:
-    """Delete a server after revoking its sessions (upstream too); returns how many were revoked.
-    The audit event stays (its server link becomes empty; the slug is in its detail)."""
-    revoked = server_sessions_revoke(
-        server=server, actor=actor, reason=f"server {server.slug} deleted by an operator"
-    )
-    audit_record(
-        kind=AuditEvent.Kind.ADMIN_CHANGE,
-        server=server,
-        actor=actor,
-        message=f"server {server.slug} deleted",
-        detail={"object": "server", "action": "deleted", "slug": server.slug, "sessions_revoked": revoked},
-    )
-    server.delete()
-    return revoked
 
 
 # -- connection check ------------------------------------------------------------------------------

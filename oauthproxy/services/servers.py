@@ -5,7 +5,11 @@ from dataclasses import dataclass, field
 from django.db import transaction
 
 from ..documents import DOCUMENT_FIELDS, ServerDocumentSerializer
-from ..models import McpServer
+from ..models import AuditEvent, McpServer
+from .audit import audit_record
+from .sessions import server_sessions_revoke
+
+SECRET_FIELDS = frozenset({"client_secret"})
 
 
 class ServerDocumentError(Exception):
@@ -46,7 +50,7 @@ def server_document(*, server: McpServer) -> dict:
     return dict(ServerDocumentSerializer(server).data)
 
 
-def servers_import(*, documents: list) -> ImportReport:
+def servers_import(*, documents: list, actor=None) -> ImportReport:
     """Create or update servers by slug, all or nothing. Raises ServerDocumentError listing every problem."""
     if not isinstance(documents, list):
         raise ServerDocumentError([(-1, "", "The file must contain a list of server objects.")])
@@ -83,18 +87,81 @@ def servers_import(*, documents: list) -> ImportReport:
             if instance is None:
                 server = McpServer(**data)
                 server.full_clean()
-                server.save()
+                server_save(server=server, actor=actor, message_prefix="import: ")
                 report.created.append(server.slug)
                 continue
-            changed = [name for name, value in data.items() if getattr(instance, name) != value]
-            if not changed:
+            for name, value in data.items():
+                setattr(instance, name, value)
+            changed = server_save(server=instance, actor=actor, message_prefix="import: ")
+            if changed:
+                report.changed[instance.slug] = changed
+            else:
                 report.unchanged.append(instance.slug)
-                continue
-            for name in changed:
-                setattr(instance, name, data[name])
-            instance.save()
-            report.changed[instance.slug] = changed
     return report
+
+
+def _shown(name: str, value):
+    if name == "team":
+        return value.name if value is not None else None
+    return value
+
+
+def server_save(*, server: McpServer, actor, message_prefix: str = "") -> list[str]:
+    """Save a validated server and audit the change (``admin.change``): who, which fields, old and new
+    values, never a secret's value. Returns the names of the fields that changed ([] when none did; every
+    audited field when the server is new)."""
+    with transaction.atomic():
+        before = McpServer.objects.filter(pk=server.pk).select_related("team").first()
+        if before is None:
+            server.save()
+            audit_record(
+                kind=AuditEvent.Kind.ADMIN_CHANGE,
+                server=server,
+                actor=actor,
+                message=f"{message_prefix}server {server.slug} created",
+                detail={"object": "server", "action": "created", "slug": server.slug},
+            )
+            return list(DOCUMENT_FIELDS)
+        changes: dict[str, object] = {}
+        for name in DOCUMENT_FIELDS:
+            old, new = getattr(before, name), getattr(server, name)
+            if old == new:
+                continue
+            if name in SECRET_FIELDS:
+                changes[name] = "changed"
+            else:
+                changes[name] = {"from": _shown(name, old), "to": _shown(name, new)}
+        if not changes:
+            return []
+        server.save()
+        described = [f"{name} changed" if name in SECRET_FIELDS else name for name in changes]
+        audit_record(
+            kind=AuditEvent.Kind.ADMIN_CHANGE,
+            server=server,
+            actor=actor,
+            message=f"{message_prefix}server {server.slug}: " + ", ".join(described),
+            detail={"object": "server", "action": "changed", "slug": server.slug, "fields": list(changes),
+                    "changes": changes},
+        )
+    return list(changes)
+
+
+def server_delete(*, server: McpServer, actor) -> int:
+    """Delete a server after revoking its sessions (upstream too); returns how many were revoked.
+    The audit event stays (its server link becomes empty; the slug is in its detail)."""
+    revoked = server_sessions_revoke(
+        server=server, actor=actor, reason=f"server {server.slug} deleted by an operator"
+    )
+    audit_record(
+        kind=AuditEvent.Kind.ADMIN_CHANGE,
+        server=server,
+        actor=actor,
+        message=f"server {server.slug} deleted",
+        detail={"object": "server", "action": "deleted", "slug": server.slug, "sessions_revoked": revoked},
+    )
+    server.delete()
+    return revoked
+
 
 
 def servers_export(*, queryset=None) -> list[dict]:

@@ -14,11 +14,10 @@ from oauthproxy.services.discovery import (
     DiscoveryError,
     issuer_metadata_urls,
     server_connection_check,
-    server_delete,
     server_discovery_apply,
-    server_save,
     upstream_discover,
 )
+from oauthproxy.services.servers import server_delete, server_save
 from tests.conftest import UPSTREAM
 from tests.factories import make_client, make_upstream_session
 
