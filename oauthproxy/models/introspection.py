@@ -26,7 +26,7 @@ class IntrospectionCredential(models.Model):
     def set_secret(self) -> str:
         """Generate a new secret, store its hash and return it (shown once)."""
         secret = secrets.token_urlsafe(32)
-        self.secret_hash = make_password(secret)
+        self.secret_hash = make_password(secret, hasher="pbkdf2_sha256_generated_secret")  # 256 random bits
         return secret
 
     def check_secret(self, secret: str) -> bool:

@@ -567,3 +567,15 @@ class TestUnusedRegistrationsExpire:
         age(registered(client)["client_id"], seconds=2 * 24 * 3600)
         cache.clear()
         assert register(client, TYPESCRIPT_SDK_PUBLIC).status_code == 201
+
+
+@pytest.mark.django_db
+def test_public_clients_store_no_secret_and_confidential_secrets_use_the_fast_hasher(client, server):
+    from oauthproxy.models import Client
+
+    public = registered(client)
+    assert Client.objects.get(client_id=public["client_id"]).client_secret == ""
+    confidential = registered(client, {**TYPESCRIPT_SDK_PUBLIC, "token_endpoint_auth_method": "client_secret_basic"})
+    stored = Client.objects.get(client_id=confidential["client_id"]).client_secret
+    assert stored.startswith("pbkdf2_sha256_generated_secret$1$")
+    assert confidential["client_secret"] not in stored
