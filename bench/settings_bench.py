@@ -1,0 +1,25 @@
+"""Production settings for the benchmarks: identical to ``proxy_site.settings.production`` except:
+
+- the open endpoints' rate limits and the per-client upstream quotas are raised out of the way (both are
+  still counted in Redis on every request, so their cost is measured): a benchmark doing 300 registrations
+  a second from one loopback address, or hundreds of upstream refreshes a minute for one client, would
+  otherwise measure the limiter's refusals;
+- the cache key prefix is per deployment (``BENCH_CACHE_PREFIX``), so runs sharing the machine's Redis never
+  see each other's counters (client primary keys restart at 1 in every fresh database).
+"""
+
+import os
+
+from proxy_site.settings.production import *  # noqa: F401,F403
+
+OAUTHPROXY_RATE_LIMITS = {
+    "register:ip": (10**9, 60),
+    "authorize:client": (10**9, 60),
+    "token:client": (10**9, 60),
+    "token:ip": (10**9, 60),
+    "introspect:credential": (10**9, 60),
+}
+OAUTHPROXY_CLIENT_QUOTAS = {"PER_MINUTE": 10**9, "PER_DAY": 10**9}
+
+if os.environ.get("BENCH_CACHE_PREFIX") and "KEY_PREFIX" in CACHES["default"]:  # noqa: F405
+    CACHES["default"]["KEY_PREFIX"] = os.environ["BENCH_CACHE_PREFIX"]  # noqa: F405
