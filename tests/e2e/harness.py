@@ -98,6 +98,20 @@ class HarnessError(RuntimeError):
 # node
 
 
+# Debian's Chromium, launched the way this workplace allows (Playwright's own browser download cannot work
+# here; without the background-networking flags Chromium keeps dialling out to a closed network).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
 def node_binary() -> Path:
     """The Node 22 binary from the `node` npm package pinned in upstream/package.json."""
     return UPSTREAM_DIR / "node_modules" / ".bin" / "node"

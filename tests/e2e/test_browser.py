@@ -31,16 +31,7 @@ try:
 except ImportError:  # pragma: no cover - the e2e extra is not installed
     async_playwright = None
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+CHROMIUM, CHROMIUM_ARGS = harness.CHROMIUM, harness.CHROMIUM_ARGS
 
 pytestmark = [
     pytest.mark.e2e,

@@ -28,16 +28,7 @@ try:
 except ImportError:  # pragma: no cover - the e2e extra is not installed
     async_playwright = None
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+CHROMIUM, CHROMIUM_ARGS = harness.CHROMIUM, harness.CHROMIUM_ARGS
 TIMEOUT_MS = 20_000
 
 pytestmark = [
