@@ -29,6 +29,10 @@ e2e-deps:
 test: install e2e-deps
 	DATABASE_URL=$${DATABASE_URL:-$(DATABASE_URL_TEST)} $(PY) -m pytest
 
+bench: install e2e-deps
+	bash bench/install-fastmcp.sh
+	$(PY) -m bench --quick --snapshot
+
 lint: install
 	$(VENV)/bin/ruff check .
 

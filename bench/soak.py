@@ -108,23 +108,24 @@ async def soak(
         async def with_current_token(pair: int, session: McpSession, op) -> None:
             """Run ``op`` with the pair's current access token. When the pair's owner refreshed between our read
             of the token and the request (the refresh revokes the old access token at once), wait for the new
-            token (at most 2 s) and retry once, as an app whose other task is refreshing would."""
-            token = shared[pair].access_token
-            session.set_bearer(token)
-            try:
-                await op()
-            except Exception as exc:  # noqa: BLE001
-                if " 401 " not in f" {exc} ":
-                    raise
-                for _ in range(40):
-                    if shared[pair].access_token != token:
-                        break
-                    await asyncio.sleep(0.05)
-                if shared[pair].access_token == token:
-                    raise
-                retried["call_after_concurrent_refresh"] += 1
-                session.set_bearer(shared[pair].access_token)
-                await op()
+            token (at most 2 s) and retry with it, as an app whose other task is refreshing would (at most 3
+            times: the owner may refresh again meanwhile)."""
+            for attempt in range(4):
+                token = shared[pair].access_token
+                session.set_bearer(token)
+                try:
+                    await op()
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    if " 401 " not in f" {exc} " or attempt == 3:
+                        raise
+                    for _ in range(40):
+                        if shared[pair].access_token != token:
+                            break
+                        await asyncio.sleep(0.05)
+                    if shared[pair].access_token == token:
+                        raise
+                    retried["call_after_concurrent_refresh"] += 1
 
         async def client(i: int) -> None:
             nonlocal lost_sessions
@@ -158,7 +159,7 @@ async def soak(
                 while time.monotonic() < deadline and n < max_ops_per_client:
                     n += 1
                     pick = crng.random()
-                    kind = "call" if not owner or pick < 0.75 else "refresh" if pick < 0.98 else "flow"
+                    kind = "call" if not owner or pick < 0.85 else "refresh" if pick < 0.98 else "flow"
                     try:
                         if kind == "call":
                             await with_current_token(pair, session, lambda text=f"c{i}-{n}": session.echo(text))
