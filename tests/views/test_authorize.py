@@ -27,16 +27,6 @@ ISSUER = "https://proxy.example.test/oauth/crm"
 RESOURCE = "https://proxy.example.test/mcp/crm"
 
 
-@pytest.fixture
-def browser() -> HttpClient:
-    return HttpClient()
-
-
-@pytest.fixture
-def mcp_client(server):
-    return make_client(server)
-
-
 def assert_page(response, status: int, text: str = "") -> str:
     """An HTML error page, never a redirect (the redirect URI is not trusted)."""
     assert response.status_code == status, response.content[:500]

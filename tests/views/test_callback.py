@@ -54,16 +54,6 @@ def _fresh_cache():
 
 
 @pytest.fixture
-def browser() -> HttpClient:
-    return HttpClient()
-
-
-@pytest.fixture
-def mcp_client(server):
-    return make_client(server)
-
-
-@pytest.fixture
 def upstream():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         yield mock

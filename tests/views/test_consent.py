@@ -33,16 +33,6 @@ ISSUER = "https://proxy.example.test/oauth/crm"
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture
-def browser() -> HttpClient:
-    return HttpClient()
-
-
-@pytest.fixture
-def mcp_client(server):
-    return make_client(server)
-
-
 def request_id(consent_url: str) -> str:
     return query_of(consent_url)["request"]
 
