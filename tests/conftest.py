@@ -1,4 +1,5 @@
 import pytest
+import responses
 
 from oauthproxy.models import McpServer
 
@@ -31,3 +32,10 @@ def server(db) -> McpServer:
 @pytest.fixture
 def server_factory(db):
     return make_server
+
+
+@pytest.fixture
+def upstream():
+    """The upstream IdP at the HTTP boundary: unregistered URLs fail like an unreachable host."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock

@@ -4,7 +4,6 @@ sessions, revocation, quotas, the audit log and the team_create command."""
 import json
 
 import pytest
-import responses
 from django.contrib.auth.models import Group, Permission, User
 from django.core.cache import cache
 from django.core.management import CommandError, call_command
@@ -60,12 +59,6 @@ def root(client, db):
     client.force_login(user)
     client.user = user
     return client
-
-
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 def page(response) -> str:

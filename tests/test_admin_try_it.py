@@ -82,12 +82,6 @@ def member(teams) -> HttpClient:
     return _login("alice", teams[0])
 
 
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def start(browser: HttpClient, server) -> dict:
     """Press the button; answer the upstream authorization request's parameters."""
     response = browser.post(f"{ADMIN}/{server.pk}/try-it/")

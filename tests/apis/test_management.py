@@ -5,7 +5,6 @@ import json
 from datetime import timedelta
 
 import pytest
-import responses
 from django.contrib.auth.models import Group, User
 from django.core.management import call_command
 from django.utils import timezone
@@ -60,12 +59,6 @@ def world(teams):
         event = audit_record(kind=AuditEvent.Kind.CONSENT_GIVEN, server=server, client=client, subject="x")
         out[key] = {"server": server, "client": client, "session": session, "event": event}
     return out
-
-
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 def no_secret(response):

@@ -43,12 +43,6 @@ def oidc_metadata(issuer: str = UPSTREAM, **overrides) -> dict:
 
 
 @pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
 def operator(db):
     return User.objects.create_superuser("ops", password="pw")
 

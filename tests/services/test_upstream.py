@@ -26,12 +26,6 @@ def _fresh_cache():
     cache.clear()
 
 
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def basic_credentials(request) -> tuple[str, str]:
     scheme, encoded = request.headers["Authorization"].split(" ")
     assert scheme == "Basic"

@@ -35,12 +35,6 @@ def mcp_client(server):
     return make_client(server)
 
 
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def token_calls(mock) -> int:
     return sum(1 for call in mock.calls if call.request.url == TOKEN_URL)
 

@@ -53,12 +53,6 @@ def _fresh_cache():
     cache.clear()
 
 
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def begin(browser, server, mcp_client, **kwargs) -> str:
     """Authorize and approve; answer the upstream state the proxy created."""
     return query_of(upstream_redirect(browser, server, mcp_client, **kwargs))["state"]
