@@ -7,4 +7,11 @@ class OAuthProxyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_delete, post_save
+
         from . import checks  # noqa: F401  (registers system checks)
+        from .caching import server_cache_clear
+
+        server_model = self.get_model("McpServer")
+        post_save.connect(server_cache_clear, sender=server_model, dispatch_uid="oauthproxy.server_cache.save")
+        post_delete.connect(server_cache_clear, sender=server_model, dispatch_uid="oauthproxy.server_cache.delete")

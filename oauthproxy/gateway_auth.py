@@ -27,19 +27,18 @@ import asyncio
 import hashlib
 import math
 import re
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
+from .caching import TTLCache
 from .exceptions import InvalidToken, OAuthError
 from .models import AccessToken, UpstreamSession
 from .services.upstream_sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
@@ -98,45 +97,6 @@ def _quoted(value: str) -> str:
 
 
 # -- per-process building blocks ---------------------------------------------------------------------
-
-class TTLCache(Generic[T]):
-    """A bounded LRU whose entries expire after a time to live. Thread-safe; all operations O(1)."""
-
-    def __init__(self, *, maxsize: int):
-        self.maxsize = maxsize
-        self._data: OrderedDict[Hashable, tuple[T, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> T | None:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            if entry[1] <= now:
-                del self._data[key]
-                return None
-            self._data.move_to_end(key)
-            return entry[0]
-
-    def set(self, key: Hashable, value: T, *, ttl: float) -> None:
-        with self._lock:
-            self._data[key] = (value, time.monotonic() + ttl)
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def pop(self, key: Hashable) -> None:
-        with self._lock:
-            self._data.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
 
 class SingleFlight:
     """Concurrent callers with the same key share one running load instead of each starting their own.

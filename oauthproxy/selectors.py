@@ -2,6 +2,7 @@
 
 from django.db.models import QuerySet
 
+from .caching import servers
 from .models import McpServer
 
 
@@ -13,4 +14,5 @@ def servers_visible_to(*, user) -> QuerySet[McpServer]:
 
 
 def server_get_enabled(*, slug: str) -> McpServer | None:
-    return McpServer.objects.filter(slug=slug, enabled=True).first()
+    """The enabled server at this slug, from the per-process cache (``caching.servers``, a few seconds)."""
+    return servers.get(slug, lambda: next(iter(McpServer.objects.filter(slug=slug, enabled=True)[:1]), None))

@@ -1,6 +1,7 @@
 import pytest
 import responses
 
+from oauthproxy.caching import server_cache_clear
 from oauthproxy.models import McpServer
 
 UPSTREAM = "https://idp.example.com"
@@ -22,6 +23,14 @@ def make_server(**overrides) -> McpServer:
     server.full_clean()
     server.save()
     return server
+
+
+@pytest.fixture(autouse=True)
+def _per_process_caches_cleared():
+    """Each test's database is rolled back; a server cached by an earlier test must not outlive it."""
+    server_cache_clear()
+    yield
+    server_cache_clear()
 
 
 @pytest.fixture

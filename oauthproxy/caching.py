@@ -1,0 +1,91 @@
+"""Per-process caches of rows that nearly every request reads and that change rarely.
+
+``TTLCache`` is the building block (the gateway's token and server caches use it too). The MCP server of
+the URL is read by every OAuth request; ``server_cached`` keeps it for ``OAUTHPROXY["SERVER_CACHE_SECONDS"]``
+(5 s by default). A save or delete in this process clears it at once (``post_save``/``post_delete``
+signals, wired in ``apps.py``); other processes see the change within the TTL, as they see revocations at
+the gateway. Callers get their own copy of the cached instance, so nothing a request sets on it leaks.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+from django.conf import settings
+
+T = TypeVar("T")
+
+DEFAULT_SERVER_CACHE_SECONDS = 5.0
+_MISSING = object()
+
+
+class TTLCache(Generic[T]):
+    """A bounded LRU whose entries expire after a time to live. Thread-safe; all operations O(1)."""
+
+    def __init__(self, *, maxsize: int):
+        self.maxsize = maxsize
+        self._data: OrderedDict[Hashable, tuple[T, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> T | None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry[1] <= now:
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry[0]
+
+    def set(self, key: Hashable, value: T, *, ttl: float) -> None:
+        with self._lock:
+            self._data[key] = (value, time.monotonic() + ttl)
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def pop(self, key: Hashable) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class ModelCache(Generic[T]):
+    """Model instances (or ``None`` for "no such row") by key, loaded on a miss, copied on the way out."""
+
+    def __init__(self, *, maxsize: int, setting: str, default_seconds: float):
+        self._entries: TTLCache[object] = TTLCache(maxsize=maxsize)
+        self._setting, self._default_seconds = setting, default_seconds
+
+    def get(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
+        cached = self._entries.get(key)
+        if cached is None:
+            loaded = load()
+            cached = _MISSING if loaded is None else loaded
+            ttl = (getattr(settings, "OAUTHPROXY", None) or {}).get(self._setting, self._default_seconds)
+            if ttl > 0:
+                self._entries.set(key, cached, ttl=ttl)
+        return None if cached is _MISSING else copy.copy(cached)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+servers = ModelCache(maxsize=1000, setting="SERVER_CACHE_SECONDS", default_seconds=DEFAULT_SERVER_CACHE_SECONDS)
+
+
+def server_cache_clear(**_signal_kwargs) -> None:
+    servers.clear()
