@@ -38,17 +38,18 @@ def measure(name, fn, n):
     with CaptureQueriesContext(connection) as ctx:
         status = fn()
     queries = [q["sql"][:160] for q in ctx.captured_queries]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         fn()
     out[name] = {"status": status, "queries": len(queries), "sql": queries,
-                 "ms_per_request_in_process": round((time.perf_counter() - t0) * 1000 / n, 2)}
+                 "ms_per_request_in_process": round((time.perf_counter() - t0) * 1000 / n, 2),
+                 "cpu_ms_per_request_in_process": round((time.process_time() - c0) * 1000 / n, 2)}
 
 register_body = json.dumps({"client_name": "diag", "redirect_uris": ["http://127.0.0.1:3333/cb"],
                             "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
                             "token_endpoint_auth_method": "none"})
 measure("register", lambda: client.post(f"/oauth/{args['slug']}/register", register_body,
-                                        content_type="application/json").status_code, 20)
+                                        content_type="application/json").status_code, 100)
 
 state = {"rt": args["refresh_token"]}
 def refresh():
@@ -59,7 +60,7 @@ def refresh():
         state["rt"] = r.json()["refresh_token"]
         return r.status_code
     return f"{r.status_code} {r.content[:200]!r}"
-measure("refresh_not_due", refresh, 20)
+measure("refresh_not_due", refresh, 100)
 if args.get("profile"):
     import cProfile, io, pstats
     for name, fn in (("register", lambda: client.post(f"/oauth/{args['slug']}/register", register_body,
@@ -98,11 +99,13 @@ async def http_latencies(st, server) -> dict:
             ("refresh_not_due", lambda: oauth.refresh_async(http, grant)),
         ):
             await op()
+            cpu_before = st.proxy.cpu()
             stats = await closed_loop([op], duration=60, max_ops=200)
             out[f"http_{name}"] = {
                 "p50_ms": stats.summary()["p50_ms"],
                 "p99_ms": stats.summary()["p99_ms"],
                 "errors": stats.errors,
+                "server_cpu_ms": round((st.proxy.cpu() - cpu_before) * 1000 / max(len(stats.latencies), 1), 2),
             }
     return out
 
@@ -141,14 +144,17 @@ def main() -> None:
         data.update(asyncio.run(http_latencies(st, server)))
     for name, entry in data.items():
         if name.startswith("http_"):
-            print(f"{name}: p50 {entry['p50_ms']} ms, p99 {entry['p99_ms']} ms, errors {entry['errors']}")
+            print(
+                f"{name}: p50 {entry['p50_ms']} ms, p99 {entry['p99_ms']} ms, errors {entry['errors']}, "
+                f"server CPU {entry['server_cpu_ms']} ms per request"
+            )
             continue
         if name.startswith("profile_"):
             print(f"--- {name}\n{entry}")
             continue
         print(
             f"{name}: HTTP {entry['status']}, {entry['queries']} queries, "
-            f"{entry['ms_per_request_in_process']} ms per request in process"
+            f"{entry['ms_per_request_in_process']} ms ({entry['cpu_ms_per_request_in_process']} ms CPU) per request in process"
         )
         for sql in entry["sql"]:
             print(f"    {sql}")

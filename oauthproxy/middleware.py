@@ -28,16 +28,22 @@ class DatabaseUnavailableMiddleware:
     def process_exception(self, request, exception):
         if not isinstance(exception, (OperationalError, InterfaceError)):
             return None
-        logger.error("database unavailable for %s %s: %s", request.method, request.path, type(exception).__name__)
-        if request.path.startswith("/oauth/") and not request.path.endswith(_BROWSER_PATHS):
-            response = oauth_error_response(
-                TemporarilyUnavailable("The service is temporarily unavailable; retry shortly.")
-            )
-        else:
-            response = HttpResponse(
-                "The service is temporarily unavailable; please retry in a few seconds.",
-                status=503,
-                content_type="text/plain; charset=utf-8",
-            )
-        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
+        return database_unavailable_response(request, exception)
+
+
+def database_unavailable_response(request, exception: Exception) -> HttpResponse:
+    """503 with ``Retry-After``: RFC 6749-shaped JSON for the OAuth endpoints programs call, plain text
+    for pages people see."""
+    logger.error("database unavailable for %s %s: %s", request.method, request.path, type(exception).__name__)
+    if request.path.startswith("/oauth/") and not request.path.endswith(_BROWSER_PATHS):
+        response = oauth_error_response(
+            TemporarilyUnavailable("The service is temporarily unavailable; retry shortly.")
+        )
+    else:
+        response = HttpResponse(
+            "The service is temporarily unavailable; please retry in a few seconds.",
+            status=503,
+            content_type="text/plain; charset=utf-8",
+        )
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response

@@ -1,8 +1,10 @@
 """The ASGI entry point (uvicorn ``proxy_site.asgi:application``).
 
 Gateway requests (``/mcp/<slug>``) go straight to ``gateway_asgi``: the same view as the Django route,
-without the middleware stack (see ``oauthproxy.views.gateway``). Everything else is plain Django. The
-lifespan protocol closes the gateway's pooled connections on shutdown.
+without the middleware stack (see ``oauthproxy.views.gateway``). The OAuth endpoints programs call (token,
+revoke, register, introspect) go to ``direct_endpoint_asgi``: their Django views, without the middleware
+stack, on a fixed thread pool (see ``oauthproxy.views.direct``). Everything else is plain Django. The
+lifespan protocol closes the gateway's pooled connections and the endpoint threads on shutdown.
 """
 
 import os
@@ -15,6 +17,11 @@ django_application = get_asgi_application()
 
 # Imported once Django is set up (they use models and settings).
 from oauthproxy.services.gateway import gateway_upstream_pool_close  # noqa: E402
+from oauthproxy.views.direct import (  # noqa: E402
+    direct_endpoint_asgi,
+    direct_endpoint_match,
+    direct_endpoint_threads_shutdown,
+)
 from oauthproxy.views.gateway import gateway_asgi, gateway_path_slug  # noqa: E402
 
 
@@ -23,6 +30,9 @@ async def application(scope, receive, send):
         slug = gateway_path_slug(scope)
         if slug is not None:
             return await gateway_asgi(scope, receive, send, slug=slug)
+        match = direct_endpoint_match(scope)
+        if match is not None:
+            return await direct_endpoint_asgi(scope, receive, send, match=match)
     elif scope["type"] == "lifespan":
         return await lifespan(receive, send)
     return await django_application(scope, receive, send)
@@ -35,5 +45,6 @@ async def lifespan(receive, send):
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await gateway_upstream_pool_close()
+            direct_endpoint_threads_shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -31,6 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cache
 from urllib.parse import unquote_plus
 
 from cryptography.exceptions import InvalidTag
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 from oauth2_provider.models import set_token_value
 from oauth2_provider.oauth2_validators import OAuth2Validator
@@ -49,6 +51,7 @@ from ..exceptions import InvalidClient, InvalidRequest, OAuthError, UpstreamErro
 from ..models import AccessToken, Client, Grant, McpServer, RefreshToken, UpstreamSession
 from ..services.cimd import client_resolve
 from ..services.upstream_sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
+from .rotation import rotation_write
 
 SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
 CONFIDENTIAL_METHODS = ("client_secret_basic", "client_secret_post")
@@ -395,25 +398,18 @@ class ProxyOAuth2Validator(OAuth2Validator):
         self._check_resource(request)
         checksum = token_checksum(refresh_token)
         # Every rotation, upstream refresh and revocation of a session takes its row lock first, so
-        # concurrent duplicates queue here and cannot deadlock with a revocation.
-        session = one_or_none(
-            UpstreamSession.objects.select_for_update(no_key=True, of=("self",)).filter(
-                refresh_tokens__token_checksum=checksum, refresh_tokens__application=client
-            )
-        )
+        # concurrent duplicates queue here and cannot deadlock with a revocation. The refresh token is read
+        # after the lock is granted, so a duplicate that waited sees the first one's rotation.
+        session = one_or_none(UpstreamSession.objects.raw(_session_lock_sql(), [checksum, client.pk]))
         if session is None:
             return False
-        refresh = one_or_none(
-            RefreshToken.objects.select_related("access_token").filter(
-                token_checksum=checksum, application=client, upstream_session=session
-            )
-        )
+        refresh = one_or_none(RefreshToken.objects.raw(_refresh_token_sql(), [checksum, client.pk, session.pk]))
         if refresh is None:
             return False
         self.outcome.session = session
         if refresh.revoked is not None:
             return self._refresh_token_replayed(refresh, session, refresh_token, request)
-        if session.revoked_at is not None or refresh.access_token is None:
+        if session.revoked_at is not None or refresh.access_token_id is None:
             return False
         lifetime = timedelta(seconds=self.server.effective_refresh_token_lifetime)
         if refresh.created + lifetime <= timezone.now():
@@ -461,7 +457,7 @@ class ProxyOAuth2Validator(OAuth2Validator):
     def get_original_scopes(self, refresh_token, request, *args, **kwargs):
         if self.server is None:
             return super().get_original_scopes(refresh_token, request, *args, **kwargs)
-        return request.refresh_token_instance.access_token.scope
+        return request.refresh_token_instance.access_token_scope
 
     def rotate_refresh_token(self, request):
         return True if self.server is not None else super().rotate_refresh_token(request)
@@ -482,8 +478,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
         session = request.upstream_session
         previous = getattr(request, "refresh_token_instance", None)
         family = previous.token_family if previous is not None and previous.token_family else uuid.uuid4()
-        if previous is not None:
-            self._rotate(previous, token, now)
         access_token = AccessToken(
             user=None,
             application=request.client,
@@ -494,35 +488,31 @@ class ProxyOAuth2Validator(OAuth2Validator):
             upstream_session=session,
         )
         set_token_value(access_token, token["access_token"])
-        access_token.save()
         refresh_token = RefreshToken(
             user=None,
             application=request.client,
-            access_token=access_token,
             token_family=family,
             resource=resource,
             upstream_session=session,
         )
         set_token_value(refresh_token, token["refresh_token"])
-        refresh_token.save()
-
-    def _rotate(self, previous: RefreshToken, token: dict, now) -> None:
-        """Retire the refresh token presented (and its access token) and seal the answer into it for a
-        duplicate within the grace window. The answer is the token dict as oauthlib serialises it next;
-        the caller checks that and seals again should it ever differ."""
+        if previous is None:
+            access_token.save()
+            refresh_token.access_token = access_token
+            refresh_token.save()
+            return
+        # Retire the refresh token presented (and its access token) and seal the answer into it for a
+        # duplicate within the grace window. The answer is the token dict as oauthlib serialises it next;
+        # the caller checks that and seals again should it ever differ. The sealed answers of earlier
+        # tokens in the family are left alone: what they hold is retired now.
         body = json.dumps(token)
         self.outcome.rotated, self.outcome.sealed_body = previous, body
         sealed = replay_seal(
             raw_token=self.outcome.presented_refresh_token, context=replay_context(previous), plaintext=body
         )
-        # The sealed answers of earlier tokens in the family are left alone: what they hold is retired now.
-        RefreshToken.objects.filter(pk=previous.pk).update(
-            revoked=now, updated=now, access_token=None, replay_response=sealed
+        rotation_write(
+            retired=previous, sealed_answer=sealed, now=now, access_token=access_token, refresh_token=refresh_token
         )
-        if previous.access_token_id is not None:
-            # Nothing references it any more (the UPDATE above cleared the one link), so a plain DELETE does;
-            # Model.delete() would first query for references to clear.
-            AccessToken.objects.filter(pk=previous.access_token_id)._raw_delete(AccessToken.objects.db)
 
     # -- revocation (RFC 7009) ----------------------------------------------------------------------
 
@@ -558,6 +548,41 @@ class ProxyOAuth2Validator(OAuth2Validator):
             else:
                 row.revoke()
             return
+
+
+# The two reads of every refresh, written once here instead of compiled by the ORM on each request (the
+# compilation cost as much as the queries; docs/PERFORMANCE.md finding 4). Tables and columns come from the
+# models' metadata.
+
+
+@cache
+def _session_lock_sql() -> str:
+    """The upstream session of a refresh token (by checksum, for a client), row-locked."""
+    quote = connection.ops.quote_name
+    refresh = RefreshToken._meta
+    session_id, client_id = (quote(refresh.get_field(name).column) for name in ("upstream_session", "application"))
+    return (
+        f"SELECT s.* FROM {quote(UpstreamSession._meta.db_table)} s"  # noqa: S608 (identifiers from metadata)
+        f" JOIN {quote(refresh.db_table)} r ON r.{session_id} = s.{quote('id')}"
+        f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s"
+        " LIMIT 1 FOR NO KEY UPDATE OF s"
+    )
+
+
+@cache
+def _refresh_token_sql() -> str:
+    """A refresh token (by checksum, for a client and session) with the scope of its access token as
+    ``access_token_scope``."""
+    quote = connection.ops.quote_name
+    refresh = RefreshToken._meta
+    session_id, client_id, access_id = (
+        quote(refresh.get_field(name).column) for name in ("upstream_session", "application", "access_token")
+    )
+    return (
+        f"SELECT r.*, a.{quote('scope')} AS access_token_scope FROM {quote(refresh.db_table)} r"  # noqa: S608
+        f" LEFT JOIN {quote(AccessToken._meta.db_table)} a ON a.{quote('id')} = r.{access_id}"
+        f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s AND r.{session_id} = %s LIMIT 1"
+    )
 
 
 def _setting(name: str, default):

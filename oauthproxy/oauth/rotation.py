@@ -1,0 +1,78 @@
+"""A refresh token rotation written in one SQL statement.
+
+Rotating a refresh token is four writes: retire the refresh token presented (``revoked``, its sealed
+answer for a duplicate within the grace window, no access token any more), delete its access token,
+insert the new access token, insert the new refresh token pointing at it. Through the ORM that is four
+round trips to PostgreSQL and four query compilations, about a third of a refresh's cost
+(``docs/PERFORMANCE.md`` finding 4). Here they are one statement of data-modifying CTEs, built once per
+process from the models' own metadata, with each value prepared by its field exactly as ``Model.save()``
+prepares it (``pre_save`` then ``get_db_prep_save``: checksums, ``auto_now`` stamps, JSON, UUIDs). It runs
+inside the caller's transaction, under the session row lock the grant took, so it is as atomic and as
+serialised as the four writes were. The foreign keys between the rows are deferred (Django creates them
+``DEFERRABLE INITIALLY DEFERRED``) and checked at commit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+
+from django.db import connection
+from django.db.models import Field, Model
+
+from ..models import AccessToken, RefreshToken
+
+
+def rotation_write(
+    *, retired: RefreshToken, sealed_answer: str, now: datetime, access_token: AccessToken, refresh_token: RefreshToken
+) -> None:
+    """Retire *retired* (and delete its access token), insert *access_token* and *refresh_token* (whose
+    ``access_token`` becomes the new access token). The new instances get their primary keys and are saved."""
+    sql, access_fields, refresh_fields = _statement()
+    params: list = [now, now, sealed_answer, retired.pk, retired.access_token_id]
+    params += [_db_value(field, access_token) for field in access_fields]
+    params += [_db_value(field, refresh_token) for field in refresh_fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        access_pk, refresh_pk = cursor.fetchone()
+    for instance, pk in ((access_token, access_pk), (refresh_token, refresh_pk)):
+        instance.pk = pk
+        instance._state.adding = False
+        instance._state.db = connection.alias
+    refresh_token.access_token = access_token
+    retired.revoked = retired.updated = now
+    retired.access_token_id = None
+    retired.replay_response = sealed_answer
+
+
+def _db_value(field: Field, instance: Model):
+    return field.get_db_prep_save(field.pre_save(instance, True), connection)
+
+
+@cache
+def _statement() -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
+    quote = connection.ops.quote_name
+    access_table, refresh_table = quote(AccessToken._meta.db_table), quote(RefreshToken._meta.db_table)
+    access_fields = tuple(field for field in AccessToken._meta.concrete_fields if not field.primary_key)
+    link = RefreshToken._meta.get_field("access_token")
+    refresh_fields = tuple(field for field in RefreshToken._meta.concrete_fields if not field.primary_key)
+    refresh_values = ", ".join("(SELECT id FROM new_access)" if field is link else "%s" for field in refresh_fields)
+    # Identifiers from the models' metadata, quoted; every value is a parameter.
+    sql = f"""
+        WITH retired AS (
+            UPDATE {refresh_table}
+            SET {quote("revoked")} = %s, {quote("updated")} = %s, {quote(link.column)} = NULL,
+                {quote("replay_response")} = %s
+            WHERE {quote("id")} = %s
+        ), dropped AS (
+            DELETE FROM {access_table} WHERE {quote("id")} = %s
+        ), new_access AS (
+            INSERT INTO {access_table} ({", ".join(quote(field.column) for field in access_fields)})
+            VALUES ({", ".join("%s" for _ in access_fields)})
+            RETURNING {quote("id")}
+        )
+        INSERT INTO {refresh_table} ({", ".join(quote(field.column) for field in refresh_fields)})
+        VALUES ({refresh_values})
+        RETURNING (SELECT id FROM new_access), {quote("id")}
+    """  # noqa: S608
+    return sql, access_fields, tuple(field for field in refresh_fields if field is not link)

@@ -1,0 +1,136 @@
+"""The OAuth endpoints that programs call, served straight from ASGI: token, revocation, registration and
+introspection of each MCP server.
+
+``proxy_site.asgi`` sends these requests here instead of through Django's ASGI handler. They are called by
+programs, not browsers: no cookie, session, user, CSRF token, message or HTML, so Django's middleware stack
+has nothing to do for them, yet under ASGI it costs a new thread per request and a thread hop per
+synchronous middleware (about half of a refresh's CPU, ``docs/PERFORMANCE.md`` finding 4). Here the same
+views (found by Django's URL resolver, so the routes stay the one source of truth) run on a fixed pool of
+threads, each reusing its database connection from the pool between requests.
+
+What the middleware did that still matters is kept: the ``Host`` check (``ALLOWED_HOSTS``), the security
+headers (``SecurityMiddleware``, ``XFrameOptionsMiddleware``), a 503 with ``Retry-After`` when the database is
+unreachable (``DatabaseUnavailableMiddleware``), Django's exception responses and logging, the request
+signals (connection hygiene), and a bounded request body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from django.conf import settings
+from django.core import signals
+from django.core.handlers.asgi import ASGIRequest
+from django.core.handlers.exception import response_for_exception
+from django.db import InterfaceError, OperationalError
+from django.http import HttpResponseBase
+from django.middleware.clickjacking import XFrameOptionsMiddleware
+from django.middleware.security import SecurityMiddleware
+from django.urls import Resolver404, ResolverMatch, get_resolver
+
+from ..exceptions import InvalidRequest, oauth_error_response
+from ..middleware import database_unavailable_response
+
+logger = logging.getLogger(__name__)
+
+DIRECT_URL_NAMES = frozenset({"oauth-token", "oauth-revoke", "oauth-register", "oauth-introspect"})
+_CANDIDATE_PATH = re.compile(r"^/oauth/[^/]+/(?:token|revoke|register|introspect)$")
+DEFAULT_THREADS = 16  # per process; requests beyond it queue here (the database pool bounds them anyway)
+
+_executor: ThreadPoolExecutor | None = None
+_security_middleware = SecurityMiddleware(lambda request: None)
+_frame_options_middleware = XFrameOptionsMiddleware(lambda request: None)
+
+
+def direct_endpoint_match(scope: dict) -> ResolverMatch | None:
+    """The route of this HTTP scope when it is one of the direct endpoints, else None."""
+    path = scope["path"]
+    root_path = scope.get("root_path") or ""
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path):]
+    if not _CANDIDATE_PATH.match(path):
+        return None
+    try:
+        match = get_resolver().resolve(path)
+    except Resolver404:
+        return None
+    return match if match.url_name in DIRECT_URL_NAMES else None
+
+
+async def direct_endpoint_asgi(scope: dict, receive, send, *, match: ResolverMatch) -> None:
+    """Serve one request to a direct endpoint: read the body, run the view on the pool, send the answer."""
+    body = bytearray()
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 2_621_440
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body += message.get("body", b"")
+        if len(body) > limit:
+            response = oauth_error_response(InvalidRequest("The request body is too large."))
+            response.status_code = 413
+            await _send(response, send)
+            return
+        if not message.get("more_body", False):
+            break
+    try:
+        request = ASGIRequest(scope, io.BytesIO(body))
+    except UnicodeDecodeError:  # as Django's handler: a query string that is not UTF-8
+        await _send(oauth_error_response(InvalidRequest("The request could not be decoded.")), send)
+        return
+    loop = asyncio.get_running_loop()
+    response = await loop.run_in_executor(_threads(), _respond, request, match)
+    await _send(response, send)
+
+
+def direct_endpoint_threads_shutdown() -> None:
+    global _executor
+    if _executor is not None:
+        _executor.shutdown(wait=False)
+        _executor = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        size = (getattr(settings, "OAUTHPROXY", None) or {}).get("DIRECT_ENDPOINT_THREADS", DEFAULT_THREADS)
+        _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="oauth-endpoint")
+    return _executor
+
+
+def _respond(request: ASGIRequest, match: ResolverMatch) -> HttpResponseBase:
+    """On a pool thread: the view's response, as Django's handler and middleware would have shaped it."""
+    signals.request_started.send(sender=DirectEndpointHandler)
+    try:
+        request.resolver_match = match
+        try:
+            request.get_host()  # ALLOWED_HOSTS (DisallowedHost: 400, logged as Django does)
+            response = match.func(request, *match.args, **match.kwargs)
+            if callable(getattr(response, "render", None)):  # DRF's Response
+                response = response.render()
+        except (OperationalError, InterfaceError) as exc:
+            response = database_unavailable_response(request, exc)
+        except Exception as exc:  # Django's answer to any exception: 400/403/404, or a logged 500
+            response = response_for_exception(request, exc)
+        _security_middleware.process_response(request, response)
+        _frame_options_middleware.process_response(request, response)
+        return response
+    finally:
+        signals.request_finished.send(sender=DirectEndpointHandler)  # returns the connection to the pool
+
+
+class DirectEndpointHandler:
+    """The ``sender`` of the request signals sent for direct endpoint requests."""
+
+
+async def _send(response: HttpResponseBase, send) -> None:
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.items()]
+    content = response.content
+    if not response.has_header("Content-Length"):
+        headers.append((b"content-length", str(len(content)).encode()))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": content, "more_body": False})
