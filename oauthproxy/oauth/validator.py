@@ -417,7 +417,8 @@ class ProxyOAuth2Validator(OAuth2Validator):
         # The upstream is called only when its access token is due (DESIGN §4), once per session under
         # concurrency: upstream_session_ensure_fresh locks the same row.
         try:
-            session = upstream_session_ensure_fresh(session=session)
+            session.server, session.client = self.server, client  # for an upstream refresh: no reads
+            session = upstream_session_ensure_fresh(session=session, locked=True)
         except UpstreamSessionEnded as exc:
             self.outcome.sessions_to_end.append((session, f"upstream session ended: {exc}", "upstream_ended"))
             raise errors.InvalidGrantError(

@@ -80,7 +80,7 @@ def upstream_token_is_due(session: UpstreamSession, *, margin: int | None = None
 
 
 def upstream_session_ensure_fresh(
-    *, session: UpstreamSession, rejected_access_token: str | None = None
+    *, session: UpstreamSession, rejected_access_token: str | None = None, locked: bool = False
 ) -> UpstreamSession:
     """Return the session with an upstream access token that is not due, refreshing it if needed.
 
@@ -92,6 +92,10 @@ def upstream_session_ensure_fresh(
     refresh per grant. Raises ``UpstreamSessionEnded`` when the upstream refuses the refresh token (or
     the token expired with nothing to refresh it), ``UpstreamError`` when the upstream is unreachable and
     the current token is already expired.
+
+    ``locked``: the caller's transaction already holds this row's lock and read the row under it (the
+    refresh grant does), so it is refreshed in place without a second lock; its ``server`` and ``client``
+    should be set already (they are read otherwise).
     """
     if session.revoked_at is not None:
         raise UpstreamSessionEnded("session revoked")
@@ -102,6 +106,11 @@ def upstream_session_ensure_fresh(
         return upstream_token_is_due(row)
 
     if not needs_refresh(session):
+        return session
+    if locked:
+        failure = _refresh_locked(session, needs_refresh=needs_refresh, rejected=rejected_access_token is not None)
+        if failure is not None:
+            raise failure
         return session
     with transaction.atomic():
         # Lock the session row only (of=self): the server and client rows must stay free for the inserts
