@@ -6,7 +6,7 @@ insert the new access token, insert the new refresh token pointing at it. Throug
 round trips to PostgreSQL and four query compilations, about a third of a refresh's cost
 (``docs/PERFORMANCE.md`` finding 4). Here they are one statement of data-modifying CTEs, built once per
 process from the models' own metadata, with each value prepared by its field exactly as ``Model.save()``
-prepares it (``pre_save`` then ``get_db_prep_save``: checksums, ``auto_now`` stamps, JSON, UUIDs). It runs
+prepares it (``oauthproxy.sql``: checksums, ``auto_now`` stamps, JSON, UUIDs). It runs
 inside the caller's transaction, under the session row lock the grant took, so it is as atomic and as
 serialised as the four writes were. The foreign keys between the rows are deferred (Django creates them
 ``DEFERRABLE INITIALLY DEFERRED``) and checked at commit.
@@ -18,9 +18,10 @@ from datetime import datetime
 from functools import cache
 
 from django.db import connection
-from django.db.models import Field, Model
+from django.db.models import Field
 
 from ..models import AccessToken, RefreshToken
+from ..sql import column_list, db_values, insert_fields, saved
 
 
 def rotation_write(
@@ -30,32 +31,26 @@ def rotation_write(
     ``access_token`` becomes the new access token). The new instances get their primary keys and are saved."""
     sql, access_fields, refresh_fields = _statement()
     params: list = [now, now, sealed_answer, retired.pk, retired.access_token_id]
-    params += [_db_value(field, access_token) for field in access_fields]
-    params += [_db_value(field, refresh_token) for field in refresh_fields]
+    params += db_values(access_fields, access_token, add=True)
+    params += db_values(refresh_fields, refresh_token, add=True)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         access_pk, refresh_pk = cursor.fetchone()
-    for instance, pk in ((access_token, access_pk), (refresh_token, refresh_pk)):
-        instance.pk = pk
-        instance._state.adding = False
-        instance._state.db = connection.alias
+    saved(access_token, access_pk)
+    saved(refresh_token, refresh_pk)
     refresh_token.access_token = access_token
     retired.revoked = retired.updated = now
     retired.access_token_id = None
     retired.replay_response = sealed_answer
 
 
-def _db_value(field: Field, instance: Model):
-    return field.get_db_prep_save(field.pre_save(instance, True), connection)
-
-
 @cache
 def _statement() -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
     quote = connection.ops.quote_name
     access_table, refresh_table = quote(AccessToken._meta.db_table), quote(RefreshToken._meta.db_table)
-    access_fields = tuple(field for field in AccessToken._meta.concrete_fields if not field.primary_key)
+    access_fields = insert_fields(AccessToken)
     link = RefreshToken._meta.get_field("access_token")
-    refresh_fields = tuple(field for field in RefreshToken._meta.concrete_fields if not field.primary_key)
+    refresh_fields = insert_fields(RefreshToken)
     refresh_values = ", ".join("(SELECT id FROM new_access)" if field is link else "%s" for field in refresh_fields)
     # Identifiers from the models' metadata, quoted; every value is a parameter.
     sql = f"""
@@ -67,11 +62,11 @@ def _statement() -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
         ), dropped AS (
             DELETE FROM {access_table} WHERE {quote("id")} = %s
         ), new_access AS (
-            INSERT INTO {access_table} ({", ".join(quote(field.column) for field in access_fields)})
+            INSERT INTO {access_table} ({column_list(access_fields)})
             VALUES ({", ".join("%s" for _ in access_fields)})
             RETURNING {quote("id")}
         )
-        INSERT INTO {refresh_table} ({", ".join(quote(field.column) for field in refresh_fields)})
+        INSERT INTO {refresh_table} ({column_list(refresh_fields)})
         VALUES ({refresh_values})
         RETURNING (SELECT id FROM new_access), {quote("id")}
     """  # noqa: S608

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from ..exceptions import UpstreamError
 from ..models import AuditEvent, Client, McpServer, UpstreamSession
+from ..sql import row_update
 from .audit import audit_record
 from .quotas import QuotaExceeded, quota_consume
 from .upstream import TokenSet, UpstreamClient, expires_at_from
@@ -169,8 +170,8 @@ def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -
         locked.scope = tokens.scope
     locked.refresh_count += 1
     locked.refreshed_at = timezone.now()
-    locked.save(update_fields=["access_token", "refresh_token", "expires_at", "token_type", "scope",
-                               "refresh_count", "refreshed_at"])
+    row_update(locked, ("access_token", "refresh_token", "expires_at", "token_type", "scope", "refresh_count",
+                        "refreshed_at"))
     audit_record(kind=AuditEvent.Kind.UPSTREAM_REFRESHED, server=locked.server, client=locked.client,
                  subject=locked.subject)
     return None

@@ -1,0 +1,83 @@
+"""Row writes for the hot paths, as statements built once per process from the models' own metadata.
+
+Through the ORM, every ``Model.save()`` or ``create()`` compiles its SQL again: on a refresh grant that
+compilation cost more CPU than PostgreSQL spent running the statements (``docs/PERFORMANCE.md`` finding 4).
+The statements here are compiled once per model (and field list) and then only executed. Each value is still
+prepared by its field exactly as ``save()`` prepares it (``pre_save`` then ``get_db_prep_save``: ``auto_now``
+stamps, checksums, encryption, JSON, UUIDs), so what lands in the database is the same. What is skipped is
+what these models do not use: ``pre_save``/``post_save`` signals and model validation (as with ``save()``).
+
+Use them for the few writes that run on every token request; everything else stays plain ORM.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from django.db import connection
+from django.db.models import Field, Model
+
+
+def insert_fields(model: type[Model]) -> tuple[Field, ...]:
+    """The columns an INSERT of *model* writes: every concrete field but an auto-generated primary key."""
+    return tuple(
+        field for field in model._meta.concrete_fields if not (field.primary_key and field.db_returning)
+    )
+
+
+def column_list(fields: tuple[Field, ...]) -> str:
+    return ", ".join(connection.ops.quote_name(field.column) for field in fields)
+
+
+def db_values(fields: tuple[Field, ...], instance: Model, *, add: bool) -> list:
+    """The parameters for *fields* of *instance*, prepared as ``Model.save()`` prepares them."""
+    return [field.get_db_prep_save(field.pre_save(instance, add), connection) for field in fields]
+
+
+def saved(instance: Model, pk=None) -> None:
+    """Mark *instance* as a row of the database (after an INSERT done here)."""
+    if pk is not None:
+        instance.pk = pk
+    instance._state.adding = False
+    instance._state.db = connection.alias
+
+
+def row_insert(instance: Model) -> None:
+    """INSERT *instance* (a new row) and set its primary key."""
+    sql, fields = _insert_statement(type(instance))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, db_values(fields, instance, add=True))
+        row = cursor.fetchone()
+    saved(instance, row[0] if row else None)
+
+
+def row_update(instance: Model, field_names: tuple[str, ...]) -> None:
+    """UPDATE the columns of *field_names* of *instance*'s row (``save(update_fields=...)``)."""
+    sql, fields = _update_statement(type(instance), field_names)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*db_values(fields, instance, add=False), instance.pk])
+
+
+@cache
+def _insert_statement(model: type[Model]) -> tuple[str, tuple[Field, ...]]:
+    quote = connection.ops.quote_name
+    fields = insert_fields(model)
+    pk = model._meta.pk
+    returning = f" RETURNING {quote(pk.column)}" if pk.db_returning else ""
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({column_list(fields)})"  # noqa: S608 (identifiers from metadata)
+        f" VALUES ({', '.join('%s' for _ in fields)}){returning}",
+        fields,
+    )
+
+
+@cache
+def _update_statement(model: type[Model], field_names: tuple[str, ...]) -> tuple[str, tuple[Field, ...]]:
+    quote = connection.ops.quote_name
+    fields = tuple(model._meta.get_field(name) for name in field_names)
+    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
+    return (
+        f"UPDATE {quote(model._meta.db_table)} SET {assignments}"  # noqa: S608 (identifiers from metadata)
+        f" WHERE {quote(model._meta.pk.column)} = %s",
+        fields,
+    )
