@@ -3,6 +3,7 @@
 import logging
 
 from ..models import AuditEvent
+from ..sql import row_insert
 
 logger = logging.getLogger("oauthproxy.audit")
 
@@ -17,7 +18,7 @@ def audit_record(
     message: str = "",
     detail: dict | None = None,
 ) -> AuditEvent:
-    event = AuditEvent.objects.create(
+    event = AuditEvent(
         kind=kind,
         server=server,
         client=client,
@@ -26,6 +27,7 @@ def audit_record(
         message=message[:2000],
         detail=detail or {},
     )
+    row_insert(event)  # one precompiled INSERT: audit rows are written on every token request
     logger.info(
         "%s server=%s client=%s subject=%s %s",
         kind,
