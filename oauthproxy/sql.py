@@ -42,6 +42,45 @@ def saved(instance: Model, pk=None) -> None:
     instance._state.db = connection.alias
 
 
+def select_list(model: type[Model], alias: str) -> str:
+    """Every concrete column of *model* (table alias *alias*), in field order: what ``rows_read`` expects first."""
+    quote = connection.ops.quote_name
+    return ", ".join(f"{alias}.{quote(field.column)}" for field in model._meta.concrete_fields)
+
+
+def rows_read(model: type[Model], sql: str, params: list, *, extra: tuple[str, ...] = ()) -> list[Model]:
+    """Instances of *model* from *sql*, whose select list starts with ``select_list(model, ...)`` and may end
+    with one more column per name in *extra* (set as attributes). Values are converted as the ORM converts
+    them (``from_db_value``, backend converters), instances built with ``Model.from_db``."""
+    names, converters = _readers(model)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    instances = []
+    for row in rows:
+        values = list(row[: len(names)])
+        for index, field_converters in converters:
+            for convert in field_converters:
+                values[index] = convert(values[index], None, connection)
+        instance = model.from_db(connection.alias, names, values)
+        for name, value in zip(extra, row[len(names):], strict=True):
+            setattr(instance, name, value)
+        instances.append(instance)
+    return instances
+
+
+@cache
+def _readers(model: type[Model]) -> tuple[list[str], list[tuple[int, list]]]:
+    fields = model._meta.concrete_fields
+    converters = []
+    for index, field in enumerate(fields):
+        column = field.get_col(model._meta.db_table)
+        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if found:
+            converters.append((index, found))
+    return [field.attname for field in fields], converters
+
+
 def row_insert(instance: Model) -> None:
     """INSERT *instance* (a new row) and set its primary key."""
     sql, fields = _insert_statement(type(instance))

@@ -62,3 +62,22 @@ def test_a_rotation_retires_the_old_pair_and_links_the_new_one(client, server):
     assert new_refresh.upstream_session_id == new_access.upstream_session_id == old_refresh.upstream_session_id
     assert new_refresh.revoked is None and new_access.expires > timezone.now()
     assert new_access.scope == first["scope"] == second["scope"]
+
+
+def test_rows_read_builds_the_instances_the_orm_builds(server):
+    from django.db import connection
+
+    from oauthproxy.sql import rows_read, select_list
+
+    session = make_upstream_session(server, make_client(server))
+    table = connection.ops.quote_name(UpstreamSession._meta.db_table)
+    [read] = rows_read(
+        UpstreamSession, f"SELECT {select_list(UpstreamSession, 's')}, 42 FROM {table} s WHERE s.id = %s",
+        [session.pk], extra=("answer",),
+    )
+    orm = UpstreamSession.objects.get(pk=session.pk)
+    for field in UpstreamSession._meta.concrete_fields:
+        assert getattr(read, field.attname) == getattr(orm, field.attname), field.name
+    assert read.access_token == orm.access_token != ""  # decrypted as the ORM decrypts
+    assert read.answer == 42
+    assert not read._state.adding

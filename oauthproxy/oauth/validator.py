@@ -51,6 +51,7 @@ from ..exceptions import InvalidClient, InvalidRequest, OAuthError, UpstreamErro
 from ..models import AccessToken, Client, Grant, McpServer, RefreshToken, UpstreamSession
 from ..services.cimd import client_resolve
 from ..services.upstream_sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
+from ..sql import rows_read, select_list
 from .rotation import rotation_write
 
 SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -400,10 +401,14 @@ class ProxyOAuth2Validator(OAuth2Validator):
         # Every rotation, upstream refresh and revocation of a session takes its row lock first, so
         # concurrent duplicates queue here and cannot deadlock with a revocation. The refresh token is read
         # after the lock is granted, so a duplicate that waited sees the first one's rotation.
-        session = one_or_none(UpstreamSession.objects.raw(_session_lock_sql(), [checksum, client.pk]))
+        session = next(iter(rows_read(UpstreamSession, _session_lock_sql(), [checksum, client.pk])), None)
         if session is None:
             return False
-        refresh = one_or_none(RefreshToken.objects.raw(_refresh_token_sql(), [checksum, client.pk, session.pk]))
+        refresh = next(
+            iter(rows_read(RefreshToken, _refresh_token_sql(), [checksum, client.pk, session.pk],
+                           extra=("access_token_scope",))),
+            None,
+        )
         if refresh is None:
             return False
         self.outcome.session = session
@@ -563,7 +568,7 @@ def _session_lock_sql() -> str:
     refresh = RefreshToken._meta
     session_id, client_id = (quote(refresh.get_field(name).column) for name in ("upstream_session", "application"))
     return (
-        f"SELECT s.* FROM {quote(UpstreamSession._meta.db_table)} s"  # noqa: S608 (identifiers from metadata)
+        f"SELECT {select_list(UpstreamSession, 's')} FROM {quote(UpstreamSession._meta.db_table)} s"  # noqa: S608
         f" JOIN {quote(refresh.db_table)} r ON r.{session_id} = s.{quote('id')}"
         f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s"
         " LIMIT 1 FOR NO KEY UPDATE OF s"
@@ -580,7 +585,7 @@ def _refresh_token_sql() -> str:
         quote(refresh.get_field(name).column) for name in ("upstream_session", "application", "access_token")
     )
     return (
-        f"SELECT r.*, a.{quote('scope')} AS access_token_scope FROM {quote(refresh.db_table)} r"  # noqa: S608
+        f"SELECT {select_list(RefreshToken, 'r')}, a.{quote('scope')} FROM {quote(refresh.db_table)} r"  # noqa: S608
         f" LEFT JOIN {quote(AccessToken._meta.db_table)} a ON a.{quote('id')} = r.{access_id}"
         f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s AND r.{session_id} = %s LIMIT 1"
     )
