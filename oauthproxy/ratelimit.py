@@ -4,6 +4,11 @@ Open endpoints are limited per (endpoint, server, key). The key is chosen by the
 where one is known, so one misbehaving client cannot lock out other clients that share a hosted
 client's egress IPs (DESIGN §5.9); the IP address only where nothing better exists, with limits high
 enough for a NAT of many users.
+
+One counter per (name, hashed key, window number). On Redis a hit is one round trip: ``INCR`` and
+``EXPIRE`` in one ``MULTI`` transaction (the counter of a window lives one second longer than the window;
+renewing its lifetime on every hit changes nothing, since the next window has a key of its own). Other
+cache backends (local memory in tests and ``make run``) count with ``add`` and ``incr``.
 """
 
 import hashlib
@@ -38,18 +43,35 @@ def rate_limit_hit(*, name: str, key: str) -> None:
     bucket = now // window
     # The key may hold client-supplied text (a client_id): hash it so any cache backend accepts it.
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    cache_key = f"rl:{name}:{digest}:{bucket}"
-    # add() is atomic on Redis and locmem; incr() then counts.
-    if cache.add(cache_key, 1, timeout=window + 1):
-        count = 1
-    else:
-        try:
-            count = cache.incr(cache_key)
-        except ValueError:  # expired between add and incr
-            cache.add(cache_key, 1, timeout=window + 1)
-            count = 1
+    count = _count(f"rl:{name}:{digest}:{bucket}", timeout=window + 1)
     if count > limit:
         raise RateLimited(retry_after=window - (now % window) or 1)
+
+
+def _count(cache_key: str, *, timeout: int) -> int:
+    """Add one to the counter *cache_key* (created with *timeout* seconds to live); return the new count."""
+    redis = _redis_client()
+    if redis is not None:
+        key = cache.make_key(cache_key)  # the cache's prefix and version, as django-redis would store it
+        pipe = redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, timeout)
+        count, _ = pipe.execute()
+        return int(count)
+    # add() is atomic on Redis and locmem; incr() then counts.
+    if cache.add(cache_key, 1, timeout=timeout):
+        return 1
+    try:
+        return cache.incr(cache_key)
+    except ValueError:  # expired between add and incr
+        cache.add(cache_key, 1, timeout=timeout)
+        return 1
+
+
+def _redis_client():
+    """The raw Redis client behind the default cache when it is django-redis, else None."""
+    get_client = getattr(getattr(cache, "client", None), "get_client", None)
+    return get_client(write=True) if get_client is not None else None
 
 
 def client_ip(request) -> str:

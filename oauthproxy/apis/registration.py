@@ -6,10 +6,13 @@ from urllib.parse import quote
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
+from django.utils.decorators import method_decorator
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
 from oauth2_provider.utils import parse_bearer_token
 
 from .. import metrics
-from ..exceptions import InvalidClientMetadata, InvalidToken, OAuthError
+from ..exceptions import InvalidClientMetadata, InvalidToken, OAuthError, oauth_error_response
 from ..models import Client
 from ..ratelimit import client_ip, rate_limit_hit
 from ..services.registration import (
@@ -18,7 +21,7 @@ from ..services.registration import (
     client_registration_delete,
     client_registration_update,
 )
-from .metadata import OpenProtocolApi
+from .metadata import CORS_ALLOW_HEADERS, OpenProtocolApi
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -37,13 +40,31 @@ class _RegistrationApi(OpenProtocolApi):
         return response
 
 
-class ClientRegisterApi(_RegistrationApi):
-    """RFC 7591 §3: open registration, rate-limited per server and caller address."""
+@method_decorator(csrf_exempt, name="dispatch")
+class ClientRegisterApi(View):
+    """RFC 7591 §3: open registration, rate-limited per server and caller address.
 
+    A plain Django view rather than DRF's ``APIView`` (registration is the hottest open endpoint and DRF's
+    request wrapping, negotiation and policy checks buy it nothing), answering exactly as the other open
+    protocol endpoints do: JSON, RFC-shaped errors, CORS without credentials. It reads nothing that
+    middleware provides (no session, user, CSRF token or messages), so it may be served past the middleware
+    stack.
+    """
+
+    http_method_names = ["post", "options"]
     cors_allow_methods = "POST, OPTIONS"
 
+    def dispatch(self, request, *args, **kwargs):
+        try:
+            response = super().dispatch(request, *args, **kwargs)
+        except OAuthError as exc:
+            response = oauth_error_response(exc)
+        response["Access-Control-Allow-Origin"] = "*"
+        response["Allow"] = self.cors_allow_methods
+        return response
+
     def post(self, request, slug: str):
-        server = self.server_get(slug)
+        server = OpenProtocolApi.server_get(slug)
         try:
             rate_limit_hit(name="register:ip", key=f"{server.slug}:{client_ip(request)}")
             registration = client_register(server=server, data=_json_object(request), remote_addr=client_ip(request))
@@ -57,6 +78,16 @@ class ClientRegisterApi(_RegistrationApi):
             client_secret=registration.client_secret,
         )
         return _no_store(JsonResponse(body, status=201))
+
+    def options(self, request, *args, **kwargs):
+        response = HttpResponse(status=204)
+        response["Access-Control-Allow-Methods"] = self.cors_allow_methods
+        response["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        response["Access-Control-Max-Age"] = "86400"
+        return response
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        raise OAuthError(f"{request.method} is not allowed here: register with POST.", status=405)
 
 
 class ClientConfigurationApi(_RegistrationApi):

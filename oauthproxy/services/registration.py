@@ -22,7 +22,6 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
-from oauth2_provider.generators import generate_client_secret
 
 from ..exceptions import InvalidClientMetadata, InvalidRedirectUri, InvalidRequest, InvalidToken, RateLimited
 from ..models import AuditEvent, Client, McpServer
@@ -45,6 +44,8 @@ SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 EXPIRE_UNUSED_THROTTLE_KEY = "oauthproxy:registration:expire-unused"
 EXPIRE_UNUSED_INTERVAL_SECONDS = 60
 SELF_SERVE_SOURCES = (Client.RegistrationSource.DCR, Client.RegistrationSource.CIMD)
+CAPACITY_KEY_PREFIX = "oauthproxy:registration:free-slots"
+CAPACITY_RECOUNT_SECONDS = EXPIRE_UNUSED_INTERVAL_SECONDS
 
 _url_validator = URLValidator(schemes=["https", "http"])
 
@@ -158,12 +159,15 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     _clients_expire_unused_now_and_then()
     client_registration_capacity_check(server=server)
 
-    client = Client(server=server, registration_source=Client.RegistrationSource.DCR, user=None)
+    client_secret = _client_secret_generate() if metadata.is_confidential else None
+    client = Client(
+        server=server,
+        registration_source=Client.RegistrationSource.DCR,
+        user=None,
+        client_id=_client_id_generate(),
+        client_secret=client_secret or "",  # hashed by ClientSecretField on save
+    )
     client_metadata_apply(client=client, metadata=metadata)
-    client_secret = None
-    if metadata.is_confidential:
-        client_secret = generate_client_secret()
-        client.client_secret = client_secret  # hashed by ClientSecretField on save
     registration_access_token = _registration_token_issue(client)
     with transaction.atomic():
         client.save()
@@ -250,16 +254,38 @@ def client_registration_delete(*, client: Client) -> None:
 
 
 def client_registration_capacity_check(*, server: McpServer) -> None:
-    """Raise RegistrationLimitReached when *server* already holds MAX_REGISTRATIONS_PER_SERVER
-    self-registered (DCR and CIMD) clients."""
+    """Take one of *server*'s MAX_REGISTRATIONS_PER_SERVER self-registered (DCR and CIMD) client slots, or
+    raise RegistrationLimitReached.
+
+    Constant cost however many clients the server holds: the free slots are counted in the database at
+    most once per CAPACITY_RECOUNT_SECONDS (a count that stops at the cap) and kept in the shared cache,
+    where each registration takes one (one round trip). Only the count says no, so the answer at the cap
+    is exact. Deleted or expired clients free their slots at the next count; clients this service did not
+    create (bulk imports) are seen at the next count too.
+    """
     limit = settings.OAUTHPROXY["MAX_REGISTRATIONS_PER_SERVER"]
-    if limit and Client.objects.filter(server=server, registration_source__in=SELF_SERVE_SOURCES).count() >= limit:
+    if not limit:
+        return
+    key = f"{CAPACITY_KEY_PREFIX}:{server.pk}:{limit}"
+    try:
+        if cache.decr(key) >= 0:
+            return
+    except ValueError:  # not counted yet, or the count expired
+        pass
+    used = (
+        Client.objects.filter(server=server, registration_source__in=SELF_SERVE_SOURCES)
+        .order_by()
+        .values("pk")[:limit]
+        .count()
+    )
+    if used >= limit:
         logger.warning("registration limit of %s clients reached at server %s", limit, server.slug)
         raise RegistrationLimitReached(
             "This server has reached its limit of registered clients; unused registrations expire, "
             "so retry later or ask the operator.",
             retry_after=EXPIRE_UNUSED_INTERVAL_SECONDS,
         )
+    cache.set(key, limit - used - 1, timeout=CAPACITY_RECOUNT_SECONDS)
 
 
 def clients_expire_unused(*, older_than_seconds: int | None = None) -> int:
@@ -322,6 +348,17 @@ def client_metadata_apply(*, client: Client, metadata: ClientMetadata) -> None:
 
 
 # Helpers
+
+
+def _client_id_generate() -> str:
+    """40 URL-safe characters, 240 random bits (django-oauth-toolkit's default: 40 alphanumerics, 238
+    bits, drawn one ``os.urandom`` call per character)."""
+    return secrets.token_urlsafe(30)
+
+
+def _client_secret_generate() -> str:
+    """128 URL-safe characters, 768 random bits (DOT's default: 128 alphanumerics, 762 bits)."""
+    return secrets.token_urlsafe(96)
 
 
 def _registration_token_issue(client: Client) -> str:

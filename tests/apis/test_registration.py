@@ -1,11 +1,14 @@
 import hashlib
 import json
+import re
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth.hashers import check_password
 from django.core.cache import cache
 from django.db import connection
+from django.test import RequestFactory
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -222,6 +225,40 @@ class TestRegister:
         body = registered(client, path="/oauth/billing/register")
         assert Client.objects.get(client_id=body["client_id"]).server == other
         assert body["registration_client_uri"].startswith(f"{BASE}/oauth/billing/register/")
+
+
+    def test_client_ids_are_random_url_safe_and_distinct(self, client, server):
+        ids = {registered(client)["client_id"] for _ in range(5)}
+        assert len(ids) == 5
+        for client_id in ids:
+            assert re.fullmatch(r"[A-Za-z0-9_-]{40}", client_id)
+
+    def test_errors_are_json_no_store_and_readable_cross_origin(self, client, server):
+        response = register(client, {"redirect_uris": ["javascript:alert(1)"]}, HTTP_ORIGIN="http://localhost:6274")
+        assert response.status_code == 400
+        assert response["Content-Type"] == "application/json"
+        assert response["Cache-Control"] == "no-store"
+        assert response["Access-Control-Allow-Origin"] == "*"
+        created = register(client, TYPESCRIPT_SDK_PUBLIC, HTTP_ORIGIN="http://localhost:6274")
+        assert created["Access-Control-Allow-Origin"] == "*"
+
+    @pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])
+    def test_other_methods_are_a_json_405(self, client, server, method):
+        response = getattr(client, method)(REGISTER)
+        assert response.status_code == 405
+        assert response.json()["error"] == "invalid_request"
+        assert response["Allow"] == "POST, OPTIONS"
+        assert not Client.objects.exists()
+
+    def test_needs_nothing_from_middleware(self, server):
+        """The view answers a bare request (no session, user or CSRF token), as it is served past Django's
+        middleware stack."""
+        from oauthproxy.apis.registration import ClientRegisterApi
+
+        request = RequestFactory().post(REGISTER, json.dumps(TYPESCRIPT_SDK_PUBLIC), content_type="application/json")
+        response = ClientRegisterApi.as_view()(request, slug="crm")
+        assert response.status_code == 201, response.content
+        assert Client.objects.filter(client_id=json.loads(response.content)["client_id"], server=server).exists()
 
 
 FORBIDDEN_REDIRECTS = [
@@ -514,6 +551,40 @@ class TestLimits:
         assert response["Retry-After"]
         assert Client.objects.filter(server=server).count() == 2
         assert register(client, TYPESCRIPT_SDK_PUBLIC, path="/oauth/billing/register").status_code == 201
+
+
+    def test_the_cap_is_exact_and_a_deleted_registration_frees_its_slot(self, client, server, settings):
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "MAX_REGISTRATIONS_PER_SERVER": 3}
+        first = registered(client)
+        registered(client)
+        registered(client)
+        assert register(client, TYPESCRIPT_SDK_PUBLIC).status_code == 429
+        assert register(client, TYPESCRIPT_SDK_PUBLIC).status_code == 429
+        url = first["registration_client_uri"].removeprefix(BASE)
+        assert client.delete(url, **bearer(first["registration_access_token"])).status_code == 204
+        registered(client)  # the freed slot, at once
+        assert register(client, TYPESCRIPT_SDK_PUBLIC).status_code == 429
+        assert Client.objects.filter(server=server).count() == 3
+
+    def test_clients_beyond_a_lowered_cap_refuse_new_registrations(self, client, server, settings):
+        for _ in range(3):
+            registered(client)
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "MAX_REGISTRATIONS_PER_SERVER": 2}
+        response = register(client, TYPESCRIPT_SDK_PUBLIC)
+        assert response.status_code == 429
+        assert response.json()["error"] == "temporarily_unavailable"
+
+    def test_registrations_below_the_cap_do_not_count_the_servers_clients(self, client, server, settings):
+        """The cost of a registration does not grow with the clients a server holds: they are counted once
+        a minute (a count that stops at the cap), not on every registration."""
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "MAX_REGISTRATIONS_PER_SERVER": 1000}
+        registered(client)
+        with CaptureQueriesContext(connection) as queries:
+            for _ in range(5):
+                registered(client)
+        statements = [q["sql"] for q in queries.captured_queries]
+        assert not [sql for sql in statements if "COUNT(" in sql.upper() or sql.startswith("SELECT")]
+        assert sum(sql.startswith("INSERT") for sql in statements) == 10  # per registration: client, audit
 
 
 def age(client_id: str, *, seconds: int) -> None:
