@@ -5,7 +5,7 @@ access token>`` instead of the client's own credentials; the internal server's a
 unbuffered, so each SSE event reaches the client when the internal server sends it.
 
 Cost per request is what the benchmark watches: kept-alive connections shared by all requests of a
-worker (``UpstreamPool``), server configuration and tokens from per-process caches
+worker (``gateway_http.UpstreamPool``, on aiohttp), server configuration and tokens from per-process caches
 (``oauthproxy.gateway_auth``), no database query and no upstream call unless a cache entry expired or
 the upstream token is due.
 """
@@ -15,18 +15,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
-import time
-import weakref
+import re
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 from uuid import UUID
 
-import httpcore
-import httpx
+import aiohttp
 from django.conf import settings
 from django.utils.module_loading import import_string
+from yarl import URL
 
 from ..exceptions import InvalidToken, UpstreamError
 from ..gateway_auth import (
@@ -39,6 +37,13 @@ from ..gateway_auth import (
     run_in_db_thread,
 )
 from ..models import McpServer
+from .gateway_http import (
+    HTTP_ERRORS,
+    PoolTimeout,
+    UpstreamResponse,
+    gateway_upstream_pool,
+    gateway_upstream_pool_close,  # noqa: F401 (proxy_site.asgi's lifespan imports it from here)
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +57,8 @@ STREAM_KEEPALIVE_SECONDS = 15.0  # GET SSE: send the client an SSE comment after
 STREAM_IDLE_TIMEOUT = 600.0  # GET SSE: close the stream after this long without a byte from upstream
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the largest request body the gateway forwards
 
-# Fixed per process.
+# Fixed per process (and gateway_http.MAX_CONNECTIONS, KEEPALIVE_EXPIRY).
 BUFFERED_RESPONSE_BYTES = 1024 * 1024  # non-SSE answers up to this size are read whole, then sent
-MAX_CONNECTIONS = 1000  # open connections to internal servers; each open SSE stream holds one
-MAX_IDLE_CONNECTIONS = 100  # kept-alive idle connections per internal server
-# Idle connections are dropped after this long: below the keep-alive timeout of common servers
-# (uvicorn: 5 s), so the gateway does not send a request down a connection the server is closing.
-KEEPALIVE_EXPIRY = 4.0
 
 # Request headers that go on to the internal server, plus every MCP header (Mcp-Session-Id,
 # MCP-Protocol-Version, Mcp-Method, Mcp-Name, Mcp-Param-*). Everything else stays behind, in
@@ -69,18 +69,9 @@ FORWARDED_REQUEST_HEADERS = frozenset({"accept", "content-type", "last-event-id"
 RETURNED_RESPONSE_HEADERS = frozenset({"content-type", "content-encoding", "cache-control", "allow", "retry-after"})
 MCP_HEADER_PREFIX = "mcp-"
 
-USER_AGENT = b"mcp-oauth-proxy"
+USER_AGENT = "mcp-oauth-proxy"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 _SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
-
-# What httpcore raises for a failed exchange (it has no common base class).
-_HTTP_ERRORS = (
-    httpcore.TimeoutException,
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.UnsupportedProtocol,
-    httpcore.ProxyError,
-)
 
 
 def _setting(name: str, default: float) -> float:
@@ -106,10 +97,6 @@ class GatewayError(Exception):
         self.retry_after = retry_after
 
 
-class PoolTimeout(httpcore.TimeoutException):
-    """No connection became free within the pool timeout."""
-
-
 def jsonrpc_error(message: str, *, request_id=None) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32000, "message": message}}
 
@@ -127,11 +114,12 @@ class GatewayServer:
     resource_metadata_url: str
     scopes: tuple[str, ...]
     required_scopes: frozenset[str]
-    url: httpcore.URL | None  # the parsed mcp_url (None: not configured, or not a usable URL)
-    host_header: bytes
-    timeout: dict  # httpcore request extensions for POST and DELETE
-    stream_timeout: dict  # the same for GET (the SSE stream): no read timeout
+    url: URL | None  # the parsed mcp_url (None: not configured, or not a usable URL)
+    host_header: str
+    timeout: aiohttp.ClientTimeout  # connect and read timeouts for POST and DELETE
+    stream_timeout: aiohttp.ClientTimeout  # the same for GET (the SSE stream): no read timeout
     stream_open_timeout: float  # GET: seconds to the response headers
+    write_timeout: float  # seconds to send the request body
 
 
 _UNKNOWN_SERVER = object()  # cached for unknown or disabled slugs: probing them costs no query either
@@ -176,23 +164,26 @@ def gateway_server_snapshot(server: McpServer) -> GatewayServer:
         required_scopes=frozenset(gateway_required_scopes(server)),
         url=url,
         host_header=host_header,
-        timeout={"timeout": {"connect": connect, "read": read, "write": write}},
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
         # The relay bounds an idle stream instead (STREAM_IDLE_TIMEOUT).
-        stream_timeout={"timeout": {"connect": connect, "read": None, "write": write}},
+        stream_timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
         stream_open_timeout=read,
+        write_timeout=write,
     )
 
 
-def _parse_mcp_url(mcp_url: str) -> tuple[httpcore.URL | None, bytes]:
+def _parse_mcp_url(mcp_url: str) -> tuple[URL | None, str]:
+    """The URL to send to and the Host header (IDNA, IPv6 brackets, the port unless the default).
+    Credentials and a fragment in ``mcp_url`` are not sent."""
     if not mcp_url:
-        return None, b""
+        return None, ""
     try:
-        url = httpx.URL(mcp_url)  # parsing (IDNA, IPv6, default ports) as httpx does it
-    except httpx.InvalidURL:
-        return None, b""
-    if url.scheme not in ("http", "https") or not url.host:
-        return None, b""
-    return httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path), url.netloc
+        url = URL(mcp_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            return None, ""
+        return url.with_user(None).with_fragment(None), url.host_port_subcomponent
+    except ValueError:  # e.g. a port out of range
+        return None, ""
 
 
 def gateway_required_scopes(server: McpServer) -> Iterable[str]:
@@ -214,136 +205,6 @@ def gateway_caches_clear() -> None:
     gateway_auth_caches_clear()
 
 
-# -- connections to internal servers -----------------------------------------------------------------
-
-class UpstreamPool:
-    """Kept-alive HTTP/1.1 connections to internal servers, shared by all requests of an event loop.
-
-    httpx's pool (``httpcore.AsyncConnectionPool``) rescans every connection on every request and
-    probes each idle one with a system call; with a few dozen connections (one per concurrent request
-    or open SSE stream) that cost more CPU than the rest of the gateway together. This pool takes the
-    most recently used idle connection of the origin (one check), opens a new connection when none is
-    idle, and takes the connection back when the response is closed. The HTTP itself (h11, TLS,
-    timeouts) is httpcore's, the layer httpx is built on. No cookies are kept: an internal server's
-    cookie must never reach another user's request.
-    """
-
-    def __init__(self, *, max_connections: int = MAX_CONNECTIONS) -> None:
-        self._idle: dict[tuple[bytes, bytes, int | None], list[tuple[httpcore.AsyncHTTPConnection, float]]] = {}
-        self._slots = asyncio.Semaphore(max_connections)
-        # The system trust store (and SSL_CERT_FILE/SSL_CERT_DIR): internal servers often use a company CA.
-        self._ssl_context = ssl.create_default_context()
-
-    async def request(self, request: httpcore.Request, *, pool_timeout: float) -> httpcore.Response:
-        """Send the request; the response's stream must be closed (it frees the connection)."""
-        try:
-            async with asyncio.timeout(pool_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolTimeout("no free connection")
-        try:
-            origin = request.url.origin
-            key = (origin.scheme, origin.host, origin.port)
-            connection = await self._idle_connection(key) or httpcore.AsyncHTTPConnection(
-                origin=origin, ssl_context=self._ssl_context, keepalive_expiry=KEEPALIVE_EXPIRY
-            )
-            response = await connection.handle_async_request(request)
-        except BaseException:
-            self._slots.release()
-            raise
-        response.stream = _PooledStream(response.stream, self, key, connection)
-        return response
-
-    def _lost(self, connection: httpcore.AsyncHTTPConnection) -> None:
-        """A response was dropped without being closed: free its slot and connection anyway."""
-        self._slots.release()
-        asyncio.get_running_loop().create_task(connection.aclose())
-
-    async def _idle_connection(self, key) -> httpcore.AsyncHTTPConnection | None:
-        idle = self._idle.get(key)
-        if not idle:
-            return None
-        now = time.monotonic()
-        while idle and now - idle[0][1] > KEEPALIVE_EXPIRY:  # the oldest first: no system call needed
-            await idle.pop(0)[0].aclose()
-        while idle:
-            connection, _ = idle.pop()
-            if connection.is_idle() and not connection.has_expired():  # has_expired: closed by the server?
-                return connection
-            await connection.aclose()
-        return None
-
-    async def _release(self, key, connection: httpcore.AsyncHTTPConnection) -> None:
-        self._slots.release()
-        idle = self._idle.setdefault(key, [])
-        if connection.is_idle() and len(idle) < MAX_IDLE_CONNECTIONS:
-            idle.append((connection, time.monotonic()))
-        else:
-            await connection.aclose()
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection, _ in connections:
-                await connection.aclose()
-
-
-class _PooledStream:
-    """A response body that gives its connection back to the pool when closed (exactly once).
-
-    Should a caller drop it unclosed (e.g. a Django streaming response the client left before its body
-    was started), a finalizer still frees the slot: a lost slot would otherwise be lost for good.
-    """
-
-    def __init__(self, stream, pool: UpstreamPool, key, connection: httpcore.AsyncHTTPConnection) -> None:
-        self._stream, self._pool, self._key, self._connection = stream, pool, key, connection
-        self._finalizer = weakref.finalize(
-            self, _call_soon_threadsafe, asyncio.get_running_loop(), pool._lost, connection
-        )
-
-    async def __aiter__(self):
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        self._finalizer.detach()
-        try:
-            await self._stream.aclose()  # an unfinished response closes the connection itself
-        finally:
-            await self._pool._release(self._key, connection)
-
-
-def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
-    # Finalizers run wherever the garbage collector runs; the pool belongs to its loop's thread.
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # the loop is closed: so are its connections
-        pass
-
-
-# One pool per event loop: connections belong to the loop that opened them. A production worker has one
-# loop, hence one pool for all requests and servers.
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, UpstreamPool] = weakref.WeakKeyDictionary()
-
-
-def gateway_upstream_pool() -> UpstreamPool:
-    loop = asyncio.get_running_loop()
-    pool = _pools.get(loop)
-    if pool is None:
-        pool = _pools[loop] = UpstreamPool()
-    return pool
-
-
-async def gateway_upstream_pool_close() -> None:
-    """Close this event loop's kept-alive connections (ASGI lifespan shutdown)."""
-    pool = _pools.pop(asyncio.get_running_loop(), None)
-    if pool is not None:
-        await pool.aclose()
-
-
 # -- forwarding --------------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -356,7 +217,7 @@ class ForwardedResponse:
     headers: dict[str, str]
     content: bytes | None
     body: AsyncGenerator[bytes, None] | None
-    upstream: httpcore.Response
+    upstream: UpstreamResponse
 
     async def aclose(self) -> None:
         if self.body is not None:
@@ -380,7 +241,7 @@ async def gateway_forward(
     Raises ``GatewayError`` (502 unreachable or broken, 503 busy or upstream IdP down, 504 timed out)
     and ``InvalidToken`` (the session ended, or the internal server keeps refusing its credential).
     """
-    forwarded = _forwarded_headers(server, grant, headers, body if method == "POST" else None)
+    forwarded = _forwarded_headers(server, grant, headers)
     credential = await _credential(grant)
     response = await _send(server, method, forwarded, body, credential)
     if response.status == 401:
@@ -396,8 +257,8 @@ async def gateway_forward(
     sse = returned.get("content-type", "").startswith("text/event-stream")
     if not sse and _small(response):
         try:
-            content = b"".join([chunk async for chunk in response.stream])
-        except _HTTP_ERRORS as exc:
+            content = await response.read()
+        except HTTP_ERRORS as exc:
             raise _gateway_error(exc, server, method)
         finally:
             await response.aclose()
@@ -419,54 +280,75 @@ async def _credential(grant: TokenGrant, *, rejected: UpstreamCredential | None 
 
 
 def _forwarded_headers(
-    server: GatewayServer, grant: TokenGrant, headers: Iterable[tuple[str, str]], body: bytes | None
-) -> list[tuple[bytes, bytes]]:
-    """The request headers for the internal server, all but Authorization (added per attempt)."""
+    server: GatewayServer, grant: TokenGrant, headers: Iterable[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The request headers for the internal server, all but Authorization (added per attempt). The
+    client's values go on as the same bytes; a value that cannot (a control character, or bytes that
+    are not UTF-8, which is what aiohttp sends) is refused with 400 rather than altered."""
     forwarded = [
-        (b"host", server.host_header),
-        (b"user-agent", USER_AGENT),
+        ("host", server.host_header),
+        ("user-agent", USER_AGENT),
         # No compression with the internal server: bodies pass through as they are.
-        (b"accept-encoding", b"identity"),
+        ("accept-encoding", "identity"),
     ]
     for name, value in headers:
         name = name.lower()
         if name in FORWARDED_REQUEST_HEADERS or name.startswith(MCP_HEADER_PREFIX):
-            forwarded.append((name.encode("latin-1"), value.encode("latin-1")))
+            forwarded.append((name, value if _SAFE_HEADER_VALUE.fullmatch(value) else _header_value(name, value)))
     if server.send_identity_headers:
-        forwarded.append((b"x-mcp-subject", _identity_value(grant.subject)))
-        forwarded.append((b"x-mcp-client-id", _identity_value(grant.client_id)))
-    if body is not None:
-        forwarded.append((b"content-length", str(len(body)).encode()))
+        forwarded.append(("x-mcp-subject", _identity_value(grant.subject)))
+        forwarded.append(("x-mcp-client-id", _identity_value(grant.client_id)))
     return forwarded
 
 
-def _identity_value(value: str) -> bytes:
+# Printable ASCII and tab: goes out as it is. Anything else is looked at by _header_value.
+_SAFE_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def _header_value(name: str, value: str) -> str:
+    """A client's header value (decoded as Latin-1, as ASGI servers and Django do) as the string whose
+    UTF-8 encoding is the bytes the client sent."""
+    try:
+        text = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        text = None
+    if text is None or not text.isprintable():
+        raise GatewayError(f"The request header {name} cannot be forwarded.", status=400)
+    return text
+
+
+def _identity_value(value: str) -> str:
     """Header-safe: printable ASCII as is, anything else percent-encoded (UTF-8)."""
     if value.isascii() and value.isprintable():
-        return value.encode()
-    return quote(value, safe="").encode()
+        return value
+    return quote(value, safe="")
 
 
 async def _send(
     server: GatewayServer,
     method: str,
-    forwarded: list[tuple[bytes, bytes]],
+    forwarded: list[tuple[str, str]],
     body: bytes,
     credential: UpstreamCredential,
-) -> httpcore.Response:
-    headers = [*forwarded, (b"authorization", b"Bearer " + credential.access_token.encode("latin-1"))]
+) -> UpstreamResponse:
+    headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
     pool = gateway_upstream_pool()
     pool_timeout = _setting("POOL_TIMEOUT", POOL_TIMEOUT)
     try:
         if method == "GET":
             # The long-lived SSE stream: no read timeout once it is open, but its headers are bounded.
-            request = httpcore.Request(method, server.url, headers=headers, extensions=server.stream_timeout)
             async with asyncio.timeout(server.stream_open_timeout):
-                return await pool.request(request, pool_timeout=pool_timeout)
-        content = body if method == "POST" else None
-        request = httpcore.Request(method, server.url, headers=headers, content=content, extensions=server.timeout)
-        return await pool.request(request, pool_timeout=pool_timeout)
-    except (*_HTTP_ERRORS, TimeoutError) as exc:
+                return await pool.request(
+                    method, server.url, headers=headers, body=b"", timeout=server.stream_timeout,
+                    write_timeout=server.write_timeout, pool_timeout=pool_timeout,
+                )
+        return await pool.request(
+            method, server.url, headers=headers, body=body if method == "POST" else b"", timeout=server.timeout,
+            write_timeout=server.write_timeout, pool_timeout=pool_timeout,
+        )
+    except HTTP_ERRORS as exc:
+        raise _gateway_error(exc, server, method)
+    except ValueError as exc:  # aiohttp refuses a header value (e.g. an upstream token with a line break)
         raise _gateway_error(exc, server, method)
 
 
@@ -474,11 +356,11 @@ def _gateway_error(exc: Exception, server: GatewayServer, method: str) -> Gatewa
     if isinstance(exc, PoolTimeout):
         _log_failure(server, method, "found no free connection (MAX_CONNECTIONS in use)")
         return GatewayError("The gateway is busy; try again shortly.", status=503, retry_after=1)
-    if isinstance(exc, httpcore.TimeoutException | TimeoutError):
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
         _log_failure(server, method, "timed out")
         return GatewayError("The MCP server did not answer in time.", status=504)
-    if isinstance(exc, httpcore.ConnectError):
-        _log_failure(server, method, f"cannot connect ({exc or type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        _log_failure(server, method, f"cannot connect ({exc.os_error or type(exc).__name__})")
         return GatewayError("The MCP server is unreachable.", status=502)
     _log_failure(server, method, f"failed ({type(exc).__name__})")
     return GatewayError("The MCP server failed to answer.", status=502)
@@ -488,10 +370,10 @@ def _log_failure(server: GatewayServer, method: str, reason: str) -> None:
     logger.warning("gateway %s: %s to the internal MCP server %s", server.slug, method, reason)
 
 
-def _returned_headers(response: httpcore.Response) -> dict[str, str]:
+def _returned_headers(response: UpstreamResponse) -> dict[str, str]:
     returned = {}
-    for raw_name, raw_value in response.headers:  # h11 gives lower-case names
-        name = raw_name.decode("latin-1")
+    for raw_name, raw_value in response.headers:  # as the server wrote them
+        name = raw_name.decode("latin-1").lower()
         if name in RETURNED_RESPONSE_HEADERS or name.startswith(MCP_HEADER_PREFIX):
             returned[name] = raw_value.decode("latin-1")
     if returned.get("content-type", "").startswith("text/event-stream"):
@@ -500,28 +382,26 @@ def _returned_headers(response: httpcore.Response) -> dict[str, str]:
     return returned
 
 
-def _small(response: httpcore.Response) -> bool:
-    for name, value in response.headers:
-        if name == b"content-length":
-            return value.isdigit() and int(value) <= BUFFERED_RESPONSE_BYTES
-    return False
+def _small(response: UpstreamResponse) -> bool:
+    length = response.content_length
+    return length is not None and length <= BUFFERED_RESPONSE_BYTES
 
 
 async def _relay(
-    response: httpcore.Response, *, sse: bool, method: str, request_body: bytes, server: GatewayServer
+    response: UpstreamResponse, *, sse: bool, method: str, request_body: bytes, server: GatewayServer
 ) -> AsyncGenerator[bytes, None]:
     """The internal server's body, chunk by chunk as it arrives. Always closes the internal response,
     whether the body ends, fails, or the client goes away (the ASGI server cancels or closes us)."""
     at_event_boundary = True
-    chunks = _with_keepalive(response.stream) if method == "GET" and sse else aiter(response.stream)
+    chunks = _with_keepalive(response.chunks()) if method == "GET" and sse else response.chunks()
     try:
         async for chunk in chunks:
             at_event_boundary = chunk.endswith(_SSE_EVENT_ENDS)
             yield chunk
-    except _HTTP_ERRORS as exc:
+    except HTTP_ERRORS as exc:
         # The status line is sent: all we can do is end the stream. For an SSE answer to a request,
         # tell the client its request failed (at an event boundary) rather than leave it waiting.
-        timed_out = isinstance(exc, httpcore.TimeoutException)
+        timed_out = isinstance(exc, TimeoutError)
         _log_failure(server, method, "timed out mid-response" if timed_out else f"broke ({type(exc).__name__})")
         request_id = _request_id(request_body) if sse and at_event_boundary else None
         if request_id is not None:

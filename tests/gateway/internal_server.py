@@ -5,12 +5,15 @@
 - ``InternalMcpServer``: the internal MCP server behind the gateway, built with the official MCP Python
   SDK, wrapped in a small ASGI layer that records what reached it and can refuse chosen bearer tokens
   with 401 (like a resource server whose token the upstream revoked).
+- ``CannedHttpServer``: answers every request with the same bytes, for what uvicorn never sends (e.g.
+  header names in Title-Case, as Go's net/http writes them).
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import socketserver
 import threading
 import time
 from typing import Any
@@ -149,3 +152,32 @@ def _with_cookie(send):
         await send(message)
 
     return sending
+
+
+class CannedHttpServer:
+    """An HTTP/1.1 server on a loopback port that reads each request (headers and Content-Length body) and
+    answers it with ``response``, keeping the connection open."""
+
+    def __init__(self, response: bytes) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while True:
+                    length = 0
+                    while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    if not line:
+                        return
+                    self.rfile.read(length)
+                    self.wfile.write(response)
+                    self.wfile.flush()
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/mcp"
+        threading.Thread(target=self._server.serve_forever, name="canned-http", daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -3,6 +3,7 @@ real MCP SDK server. What the internal server receives, what the client receives
 
 from __future__ import annotations
 
+import json
 import time
 
 import anyio
@@ -11,7 +12,7 @@ import pytest
 
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, PROTOCOL_VERSION, make_grant, mcp_client, messages, rpc
-from tests.gateway.internal_server import ServerThread, wait_for
+from tests.gateway.internal_server import CannedHttpServer, ServerThread, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -165,6 +166,60 @@ def test_client_credentials_and_cookies_stay_at_the_gateway(gateway, gateway_url
     # ... nor kept by the gateway for the next request (of possibly another user).
     httpx.post(url, json=INITIALIZE, headers={**ACCEPT, **gateway.auth}, timeout=10)
     assert "cookie" not in internal.last_headers
+
+
+def test_internal_server_receives_the_gateways_headers_and_no_client_library_defaults(
+    gateway, gateway_url, internal
+):
+    body = json.dumps(INITIALIZE).encode()
+    with httpx.Client(timeout=10) as http:
+        request = http.build_request("POST", gateway_url(), content=body, headers=gateway.auth)
+        for name in ("accept", "accept-encoding", "user-agent"):  # an MCP client sending the bare minimum
+            del request.headers[name]
+        http.send(request)
+    assert internal.last_headers == {
+        "host": internal.url.removeprefix("http://").removesuffix("/mcp"),
+        "user-agent": "mcp-oauth-proxy",
+        "accept-encoding": "identity",
+        "authorization": f"Bearer {gateway.upstream_token}",
+        "content-length": str(len(body)),
+    }
+
+
+def test_non_ascii_header_values_pass_as_sent_or_are_refused(gateway, gateway_url, internal):
+    url = gateway_url()
+    utf8 = "Zoë ✓".encode()
+    response = httpx.post(url, json=INITIALIZE, headers={**ACCEPT, **gateway.auth, "Mcp-Param-Note": utf8}, timeout=10)
+    assert response.status_code == 200
+    assert internal.last_headers["mcp-param-note"].encode("latin-1") == utf8  # the same bytes
+    # Bytes that are not UTF-8 cannot be sent on unchanged: refused, not altered.
+    internal.reset()
+    refused = httpx.post(
+        url, json=INITIALIZE, headers={**ACCEPT, **gateway.auth, "Mcp-Param-Note": b"caf\xe9"}, timeout=10
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "The request header mcp-param-note cannot be forwarded."
+    assert internal.requests == {}
+
+
+def test_internal_response_header_names_in_any_case(transactional_db, proxy, gateway_url):
+    event = b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+    canned = CannedHttpServer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nMcp-Session-Id: s-42\r\n"
+        b"Set-Cookie: route=1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{len(event):x}\r\n".encode() + event + b"\r\n0\r\n\r\n"
+    )
+    try:
+        grant = make_grant(make_server(slug="go", mcp_url=canned.url))
+        response = httpx.post(gateway_url("go"), json=INITIALIZE, headers={**ACCEPT, **grant.auth}, timeout=10)
+    finally:
+        canned.stop()
+    assert response.status_code == 200
+    assert response.headers["mcp-session-id"] == "s-42"
+    assert response.headers["content-type"] == "text/event-stream"
+    assert response.headers["x-accel-buffering"] == "no"  # recognised as a stream
+    assert "set-cookie" not in response.headers
+    assert response.content == event
 
 
 def test_identity_headers_when_the_server_asks_for_them(gateway, gateway_url, internal):

@@ -10,9 +10,10 @@ import time
 import httpx
 import pytest
 from django.db import connections
-from django.test import Client as DjangoClient
+from django.test import AsyncClient
 
 from oauthproxy.gateway_auth import TTLCache
+from oauthproxy.services.gateway import gateway_upstream_pool_close
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, make_grant, rpc
 
@@ -104,18 +105,28 @@ def test_a_burst_of_cold_requests_loads_the_token_once(gateway, gateway_url, cou
 
 
 def test_django_route_serves_the_gateway_too(transactional_db, proxy, internal_json, count_queries):
-    """Through Django's own handler and middleware (not the lean ASGI entry): same answers, and the
-    middleware (sessions, auth, CSRF, messages) touches no database either."""
+    """Through Django's own handler and middleware (not the lean ASGI entry), in one event loop as an ASGI
+    server runs it: same answers, and the middleware (sessions, auth, CSRF, messages) touches no database
+    either."""
     grant = make_grant(make_server(slug="plain", mcp_url=internal_json.url))
-    client = DjangoClient(headers={**ACCEPT, **grant.auth})
     call = rpc("tools/call", {"name": "echo", "arguments": {"text": "via django"}}, id=3)
-    first = client.post("/mcp/plain", call, content_type="application/json")
+
+    async def scenario():
+        client, headers = AsyncClient(), {**ACCEPT, **grant.auth}
+        try:
+            first = await client.post("/mcp/plain", call, content_type="application/json", headers=headers)
+            loaded = count_queries.count
+            second = await client.post("/mcp/plain/", call, content_type="application/json", headers=headers)
+            again = count_queries.count
+            refused = await client.post("/mcp/plain", call, content_type="application/json")
+        finally:
+            await gateway_upstream_pool_close()  # what the ASGI lifespan does at shutdown
+        return first, second, refused, loaded, again
+
+    first, second, refused, loaded, again = asyncio.run(scenario())
     assert first.status_code == 200 and first.json()["result"]["content"][0]["text"] == "via django"
-    loaded = count_queries.count
-    second = client.post("/mcp/plain/", call, content_type="application/json")
     assert second.status_code == 200
-    assert count_queries.count == loaded
-    refused = DjangoClient().post("/mcp/plain", call, content_type="application/json")
+    assert again == loaded
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer resource_metadata=")
 
 
