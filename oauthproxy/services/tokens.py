@@ -25,6 +25,7 @@ from oauthlib.oauth2.rfc6749.grant_types import AuthorizationCodeGrant, RefreshT
 from oauthlib.oauth2.rfc6749.tokens import BearerToken
 
 from .. import metrics
+from ..caching import TTLCache
 from ..exceptions import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
 from ..models import AuditEvent, Client, IntrospectionCredential, McpServer, RefreshToken, UpstreamSession
 from ..oauth.validator import (
@@ -53,6 +54,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 # How often last_used is written at most (it is for operators, not for security).
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 UNAVAILABLE_RETRY_AFTER = 30
+_recently_touched: TTLCache[bool] = TTLCache(maxsize=10_000)
 
 
 @dataclass(frozen=True)
@@ -235,12 +237,17 @@ def _tokens_issued(*, server: McpServer, grant_type: str, outcome: TokenRequestO
 
 
 def _last_used_touch(*, client: Client | None, session: UpstreamSession | None) -> None:
+    """Stamp ``last_used`` at most once per ``LAST_USED_RESOLUTION`` per row and process (the client row
+    comes from a per-process cache, whose copy would look stale until it expires)."""
     now = timezone.now()
     stale = now - LAST_USED_RESOLUTION
-    if client is not None and (client.last_used is None or client.last_used < stale):
-        Client.objects.filter(pk=client.pk).update(last_used=now)
-    if session is not None and (session.last_used is None or session.last_used < stale):
-        UpstreamSession.objects.filter(pk=session.pk).update(last_used=now)
+    for model, row in ((Client, client), (UpstreamSession, session)):
+        if row is None or (row.last_used is not None and row.last_used >= stale):
+            continue
+        key = (model.__name__, row.pk)
+        if _recently_touched.get(key) is None:
+            model.objects.filter(pk=row.pk).update(last_used=now)
+            _recently_touched.set(key, True, ttl=LAST_USED_RESOLUTION.total_seconds())
 
 
 def _sessions_end(*, server: McpServer, outcome: TokenRequestOutcome) -> None:
