@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from ..exceptions import InvalidClientMetadata, InvalidRedirectUri, InvalidRequest, InvalidToken, RateLimited
 from ..models import AuditEvent, Client, McpServer
+from ..sql import row_insert
 from .audit import audit_record
 from .redirect_uris import redirect_uris_validate
 
@@ -156,8 +157,7 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     in clear exactly this once.
     """
     metadata = client_metadata_validate(server=server, data=data)
-    _clients_expire_unused_now_and_then()
-    client_registration_capacity_check(server=server)
+    client_registration_capacity_check(server=server, expire_unused_first=True)
 
     client_secret = _client_secret_generate() if metadata.is_confidential else None
     client = Client(
@@ -170,7 +170,9 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     client_metadata_apply(client=client, metadata=metadata)
     registration_access_token = _registration_token_issue(client)
     with transaction.atomic():
-        client.save()
+        # One precompiled INSERT (fields prepared as save() prepares them: the secret hashed, timestamps set).
+        # save()'s post_save only drops cached rows of this client_id, and a new random one has none.
+        row_insert(client)
         audit_record(
             kind=AuditEvent.Kind.CLIENT_REGISTERED,
             server=server,
@@ -253,7 +255,7 @@ def client_registration_delete(*, client: Client) -> None:
         client.delete()
 
 
-def client_registration_capacity_check(*, server: McpServer) -> None:
+def client_registration_capacity_check(*, server: McpServer, expire_unused_first: bool = False) -> None:
     """Take one of *server*'s MAX_REGISTRATIONS_PER_SERVER self-registered (DCR and CIMD) client slots, or
     raise RegistrationLimitReached.
 
@@ -262,9 +264,14 @@ def client_registration_capacity_check(*, server: McpServer) -> None:
     where each registration takes one (one round trip). Only the count says no, so the answer at the cap
     is exact. Deleted or expired clients free their slots at the next count; clients this service did not
     create (bulk imports) are seen at the next count too.
+
+    With *expire_unused_first*, unused registrations are expired (at most once a minute per deployment)
+    before each count, so that the count sees the room they leave.
     """
     limit = settings.OAUTHPROXY["MAX_REGISTRATIONS_PER_SERVER"]
     if not limit:
+        if expire_unused_first:
+            _clients_expire_unused_now_and_then()
         return
     key = f"{CAPACITY_KEY_PREFIX}:{server.pk}:{limit}"
     try:
@@ -272,6 +279,8 @@ def client_registration_capacity_check(*, server: McpServer) -> None:
             return
     except ValueError:  # not counted yet, or the count expired
         pass
+    if expire_unused_first:
+        _clients_expire_unused_now_and_then()
     used = (
         Client.objects.filter(server=server, registration_source__in=SELF_SERVE_SOURCES)
         .order_by()
