@@ -219,6 +219,12 @@ class ForwardedResponse:
     body: AsyncGenerator[bytes, None] | None
     upstream: UpstreamResponse
 
+    @property
+    def complete(self) -> bool:
+        """Whether the internal server's body has been received to its end: the chunk ``body`` yielded
+        last is then the last one."""
+        return self.upstream.complete
+
     async def aclose(self) -> None:
         if self.body is not None:
             await self.body.aclose()

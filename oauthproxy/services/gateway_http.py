@@ -128,6 +128,11 @@ class UpstreamResponse:
     def content_length(self) -> int | None:
         return self._response.content_length
 
+    @property
+    def complete(self) -> bool:
+        """The body has been received to its end, and read (or nothing was left to read)."""
+        return self._response.content.at_eof()
+
     async def read(self) -> bytes:
         return await self._response.read()
 
@@ -142,7 +147,7 @@ class UpstreamResponse:
             return
         self._finalizer.detach()
         slots.release()
-        if self._response.content.at_eof():
+        if self.complete:
             self._response.release()
         else:
             self._response.close()

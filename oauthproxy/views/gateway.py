@@ -210,6 +210,9 @@ async def _send_forwarded(forwarded: ForwardedResponse, send) -> None:
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in forwarded.headers.items()]
         await send({"type": "http.response.start", "status": forwarded.status, "headers": headers})
         async for chunk in forwarded.body:
+            if forwarded.complete:  # the internal server's body has ended: ours ends in the same write
+                await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                return
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
