@@ -81,3 +81,18 @@ def test_rows_read_builds_the_instances_the_orm_builds(server):
     assert read.access_token == orm.access_token != ""  # decrypted as the ORM decrypts
     assert read.answer == 42
     assert not read._state.adding
+
+
+def test_rows_insert_writes_a_row_and_the_rows_that_point_at_it_in_one_statement(server, django_assert_num_queries):
+    from oauthproxy.models import Client
+    from oauthproxy.sql import rows_insert
+
+    client = Client(server=server, name="Linked", client_id="linked-client", redirect_uris="http://127.0.0.1/cb",
+                    client_type=Client.CLIENT_PUBLIC, authorization_grant_type=Client.GRANT_AUTHORIZATION_CODE)
+    events = [AuditEvent(kind=AuditEvent.Kind.CLIENT_REGISTERED, server=server, message=str(n)) for n in range(2)]
+    with django_assert_num_queries(1):
+        rows_insert(client, *((event, "client") for event in events))
+    stored = Client.objects.get(pk=client.pk)
+    assert stored.client_id == "linked-client" and stored.server_id == server.pk
+    assert sorted(AuditEvent.objects.filter(client=stored).values_list("message", flat=True)) == ["0", "1"]
+    assert all(event.client is client and event.pk for event in events)

@@ -18,7 +18,27 @@ def audit_record(
     message: str = "",
     detail: dict | None = None,
 ) -> AuditEvent:
-    event = AuditEvent(
+    event = audit_event(
+        kind=kind, server=server, client=client, actor=actor, subject=subject, message=message, detail=detail
+    )
+    row_insert(event)  # one precompiled INSERT: audit rows are written on every token request
+    audit_logged(event)
+    return event
+
+
+def audit_event(
+    *,
+    kind: str,
+    server=None,
+    client=None,
+    actor=None,
+    subject: str = "",
+    message: str = "",
+    detail: dict | None = None,
+) -> AuditEvent:
+    """An audit event, not saved yet: for callers that write it in one statement with the row it is about
+    (then ``audit_logged`` once it is written)."""
+    return AuditEvent(
         kind=kind,
         server=server,
         client=client,
@@ -27,13 +47,14 @@ def audit_record(
         message=message[:2000],
         detail=detail or {},
     )
-    row_insert(event)  # one precompiled INSERT: audit rows are written on every token request
+
+
+def audit_logged(event: AuditEvent) -> None:
     logger.info(
         "%s server=%s client=%s subject=%s %s",
-        kind,
-        getattr(server, "slug", "-"),
-        getattr(client, "client_id", "-"),
-        subject or "-",
-        message,
+        event.kind,
+        getattr(event.server, "slug", "-"),
+        getattr(event.client, "client_id", "-"),
+        event.subject or "-",
+        event.message,
     )
-    return event

@@ -25,8 +25,8 @@ from django.utils import timezone
 
 from ..exceptions import InvalidClientMetadata, InvalidRedirectUri, InvalidRequest, InvalidToken, RateLimited
 from ..models import AuditEvent, Client, McpServer
-from ..sql import row_insert
-from .audit import audit_record
+from ..sql import rows_insert
+from .audit import audit_event, audit_logged, audit_record
 from .redirect_uris import redirect_uris_validate
 
 logger = logging.getLogger(__name__)
@@ -169,24 +169,25 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     )
     client_metadata_apply(client=client, metadata=metadata)
     registration_access_token = _registration_token_issue(client)
-    with transaction.atomic():
-        # One precompiled INSERT (fields prepared as save() prepares them: the secret hashed, timestamps set).
-        # save()'s post_save only drops cached rows of this client_id, and a new random one has none.
-        row_insert(client)
-        audit_record(
-            kind=AuditEvent.Kind.CLIENT_REGISTERED,
-            server=server,
-            client=client,
-            message=f"registered {client.name or client.client_id} ({metadata.token_endpoint_auth_method})",
-            detail={
-                "source": "dcr",
-                "client_id": client.client_id,
-                "redirect_uris": metadata.redirect_uris,
-                "token_endpoint_auth_method": metadata.token_endpoint_auth_method,
-                "software_id": metadata.extra.get("software_id", ""),
-                "remote_addr": remote_addr,
-            },
-        )
+    event = audit_event(
+        kind=AuditEvent.Kind.CLIENT_REGISTERED,
+        server=server,
+        client=client,
+        message=f"registered {client.name or client.client_id} ({metadata.token_endpoint_auth_method})",
+        detail={
+            "source": "dcr",
+            "client_id": client.client_id,
+            "redirect_uris": metadata.redirect_uris,
+            "token_endpoint_auth_method": metadata.token_endpoint_auth_method,
+            "software_id": metadata.extra.get("software_id", ""),
+            "remote_addr": remote_addr,
+        },
+    )
+    # The client and its audit row in one statement (atomic, one round trip), fields prepared as save()
+    # prepares them (the secret hashed, timestamps set). save()'s post_save only drops cached rows of this
+    # client_id, and a new random one has none.
+    rows_insert(client, (event, "client"))
+    audit_logged(event)
     return ClientRegistration(
         client=client, registration_access_token=registration_access_token, client_secret=client_secret
     )
