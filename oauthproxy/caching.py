@@ -5,6 +5,11 @@ the URL is read by every OAuth request; ``server_cached`` keeps it for ``OAUTHPR
 (5 s by default). A save or delete in this process clears it at once (``post_save``/``post_delete``
 signals, wired in ``apps.py``); other processes see the change within the TTL, as they see revocations at
 the gateway. Callers get their own copy of the cached instance, so nothing a request sets on it leaks.
+
+``clients`` keeps the client rows that ``services.cimd.client_resolve`` looks up on every authorize and
+token request, by (server id, ``client_id``), for ``OAUTHPROXY["CLIENT_CACHE_SECONDS"]`` (5 s by default);
+``client_cache_forget`` drops a client's entry when it is saved or deleted in this process, and again when
+that transaction commits (see ``services/cimd.py`` for what the cache may and may not decide).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from django.conf import settings
+from django.db import transaction
 
 T = TypeVar("T")
 
 DEFAULT_SERVER_CACHE_SECONDS = 5.0
+DEFAULT_CLIENT_CACHE_SECONDS = 5.0
 _MISSING = object()
 
 
@@ -89,3 +96,41 @@ servers = ModelCache(maxsize=1000, setting="SERVER_CACHE_SECONDS", default_secon
 
 def server_cache_clear(**_signal_kwargs) -> None:
     servers.clear()
+
+
+class KeyedModelCache(ModelCache[T]):
+    """A ``ModelCache`` whose entries can also be dropped one by one, and whose copies share no mutable
+    field value (a JSON field's dict or list) with the cached instance either."""
+
+    def get(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
+        instance = super().get(key, load)
+        if instance is not None:
+            values = vars(instance)
+            for name, value in values.items():
+                if isinstance(value, dict | list):
+                    values[name] = copy.deepcopy(value)
+        return instance
+
+    def forget(self, key: Hashable) -> None:
+        self._entries.pop(key)
+
+
+clients: KeyedModelCache = KeyedModelCache(
+    maxsize=10_000, setting="CLIENT_CACHE_SECONDS", default_seconds=DEFAULT_CLIENT_CACHE_SECONDS
+)
+
+
+def client_cache_key(*, server_id, client_id: str) -> tuple:
+    return (server_id, client_id)
+
+
+def client_cache_forget(*, instance, **_signal_kwargs) -> None:
+    """A client was saved or deleted: drop its entry now, and once more when the transaction commits, so a
+    request of this process that read the old row before the commit cannot keep it for a whole TTL."""
+    key = client_cache_key(server_id=instance.server_id, client_id=instance.client_id)
+    clients.forget(key)
+    transaction.on_commit(lambda: clients.forget(key), using=_signal_kwargs.get("using"), robust=True)
+
+
+def client_cache_clear(**_signal_kwargs) -> None:
+    clients.clear()

@@ -1,7 +1,7 @@
 import pytest
 import responses
 
-from oauthproxy.caching import server_cache_clear
+from oauthproxy.caching import client_cache_clear, server_cache_clear
 from oauthproxy.models import McpServer
 
 UPSTREAM = "https://idp.example.com"
@@ -27,10 +27,12 @@ def make_server(**overrides) -> McpServer:
 
 @pytest.fixture(autouse=True)
 def _per_process_caches_cleared():
-    """Each test's database is rolled back; a server cached by an earlier test must not outlive it."""
+    """Each test's database is rolled back; a server or client cached by an earlier test must not outlive it."""
     server_cache_clear()
+    client_cache_clear()
     yield
     server_cache_clear()
+    client_cache_clear()
 
 
 @pytest.fixture

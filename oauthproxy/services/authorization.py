@@ -33,12 +33,14 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
 from oauth2_provider.settings import oauth2_settings
@@ -56,6 +58,7 @@ from ..exceptions import (
 )
 from ..models import AuditEvent, Client, Consent, Grant, McpServer, PendingAuthorization
 from ..ratelimit import rate_limit_hit
+from ..sql import db_values, select_list
 from .audit import audit_record
 from .cimd import client_resolve
 from .quotas import QuotaExceeded, quota_consume
@@ -306,9 +309,10 @@ def consent_is_remembered(*, client: Client, redirect_uri: str, scopes: Sequence
     return any(wanted <= set(consent.scope.split()) for consent in consents)
 
 
-def authorization_begin(*, auth_request: AuthorizationRequest, browser_key: str) -> str:
+def authorization_begin(*, auth_request: AuthorizationRequest, browser_key: str, browser_is_new: bool = False) -> str:
     """Store the validated request, bound to this browser, and answer the URL to send the browser to:
-    the consent page, or the upstream when consent is remembered."""
+    the consent page, or the upstream when consent is remembered. ``browser_is_new``: the key was made for
+    this request, so this browser has remembered nothing yet (no query to find out)."""
     now = timezone.now()
     pending = PendingAuthorization(
         server=auth_request.server,
@@ -323,7 +327,7 @@ def authorization_begin(*, auth_request: AuthorizationRequest, browser_key: str)
         expires_at=now + timedelta(seconds=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"]),
     )
     metrics.authorization_started(server=auth_request.server.slug)
-    if consent_is_remembered(
+    if not browser_is_new and consent_is_remembered(
         client=auth_request.client,
         redirect_uri=auth_request.redirect_uri,
         scopes=auth_request.scopes,
@@ -347,13 +351,10 @@ def consent_request_get(*, server: McpServer, request_id: str | None, browser_ke
         pk = uuid.UUID(request_id or "")
     except ValueError:
         raise InvalidRequest("This consent link is not valid. Start again from your application.")
-    pending = (
-        PendingAuthorization.objects.select_related("server", "client")
-        .filter(pk=pk, server=server, approved_at__isnull=True)
-        .first()
-    )
+    pending = _pending_read(_pending_unanswered_sql(), [pk, server.pk])
     if pending is None:
         raise InvalidRequest("This authorization request is unknown or was already answered.")
+    pending.server = pending.client.server = server
     if not _browser_matches(pending, browser_key):
         raise AccessDenied(
             "This authorization was started in a different browser. Start again from your application "
@@ -427,43 +428,47 @@ def consent_details(*, pending: PendingAuthorization) -> ConsentDetails:
 
 def authorization_approve(*, pending: PendingAuthorization, remember: bool) -> str:
     """The user approved: create the upstream state and PKCE verifier, optionally remember the consent
-    for (this browser, client, redirect URI), and answer the upstream authorization URL."""
+    for (this browser, client, redirect URI), and answer the upstream authorization URL.
+
+    One conditional UPDATE approves the request: of concurrent answers (a double click, a replayed form)
+    exactly one changes the row; the others are told it was already answered."""
     now = timezone.now()
-    with transaction.atomic():
-        locked = (
-            PendingAuthorization.objects.select_for_update()
-            .filter(pk=pending.pk, approved_at__isnull=True, consumed_at__isnull=True, expires_at__gt=now)
-            .first()
-        )
-        if locked is None:
+    if not pending.client.is_usable(None):
+        raise InvalidRequest("This application has been disabled by the administrator.")
+    if pending.approved_at is not None or pending.consumed_at is not None or pending.expires_at <= now:
+        raise InvalidRequest("This authorization request was already answered or has expired.")
+    _quota_consume(pending)  # before the row changes: a refused trip leaves the request open, as it was
+    state, code_challenge = _upstream_state_assign(pending, now=now)
+    remember_seconds = settings.OAUTHPROXY["CONSENT_REMEMBER_SECONDS"]
+    remember = remember and remember_seconds > 0
+    with transaction.atomic() if remember else nullcontext():
+        if not _pending_approved(pending, now=now):
             raise InvalidRequest("This authorization request was already answered or has expired.")
-        locked.server, locked.client = pending.server, pending.client
-        if not locked.client.is_usable(None):
-            raise InvalidRequest("This application has been disabled by the administrator.")
-        url = _approve(locked, now=now)
-        remember_seconds = settings.OAUTHPROXY["CONSENT_REMEMBER_SECONDS"]
-        remember = remember and remember_seconds > 0
         if remember:
             Consent.objects.filter(
-                browser_key_checksum=locked.browser_key_checksum,
-                client=locked.client,
-                redirect_uri=locked.redirect_uri,
+                browser_key_checksum=pending.browser_key_checksum,
+                client=pending.client,
+                redirect_uri=pending.redirect_uri,
             ).delete()
             Consent.objects.create(
-                browser_key_checksum=locked.browser_key_checksum,
-                client=locked.client,
-                redirect_uri=locked.redirect_uri,
-                scope=locked.scope,
+                browser_key_checksum=pending.browser_key_checksum,
+                client=pending.client,
+                redirect_uri=pending.redirect_uri,
+                scope=pending.scope,
                 expires_at=now + timedelta(seconds=remember_seconds),
             )
-    _audit_consent_given(locked, remember=remember, remembered=False)
-    return url
+    _audit_consent_given(pending, remember=remember, remembered=False)
+    return UpstreamClient(pending.server).authorization_url(state=state, code_challenge=code_challenge)
 
 
 def _approve(pending: PendingAuthorization, *, now: datetime) -> str:
-    """Give the request its upstream state and verifier, save it, and answer the upstream URL.
+    """Give the request its upstream state and verifier, save it, and answer the upstream URL."""
+    _quota_consume(pending)
+    return upstream_redirect_prepare(pending, now=now)
 
-    Each trip upstream spends the client's share of the shared upstream client's quota; a client over
+
+def _quota_consume(pending: PendingAuthorization) -> None:
+    """Each trip upstream spends the client's share of the shared upstream client's quota; a client over
     its budget is sent back with ``temporarily_unavailable`` instead of hammering the upstream."""
     server = pending.server
     try:
@@ -472,23 +477,29 @@ def _approve(pending: PendingAuthorization, *, now: datetime) -> str:
         metrics.authorization_failed(server=server.slug, reason="quota")
         raise ErrorRedirect(exc, redirect_uri=pending.redirect_uri, state=pending.client_state,
                             issuer=server.issuer_url)
-    return upstream_redirect_prepare(pending, now=now)
 
 
 def upstream_redirect_prepare(pending: PendingAuthorization, *, now: datetime) -> str:
     """Approve ``pending`` for the trip upstream: a random single-use state (stored as its checksum only,
     short-lived) and the proxy's own PKCE verifier; save it and answer the upstream authorization URL."""
-    server = pending.server
+    state, code_challenge = _upstream_state_assign(pending, now=now)
+    pending.save()
+    return UpstreamClient(pending.server).authorization_url(state=state, code_challenge=code_challenge)
+
+
+def _upstream_state_assign(pending: PendingAuthorization, *, now: datetime) -> tuple[str, str | None]:
+    """Set the approval on ``pending`` (not saved): the checksum of a new random state, the approval
+    time, the short state lifetime and, with PKCE upstream, a new verifier. Answers the state and the
+    code challenge, which only the upstream URL carries."""
     state = secrets.token_urlsafe(32)
     pending.state_checksum = checksum(state)
     pending.approved_at = now
     pending.expires_at = now + timedelta(seconds=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"])
     code_challenge = None
-    if server.use_pkce:
+    if pending.server.use_pkce:
         verifier, code_challenge = _pkce_pair()
         pending.upstream_code_verifier = verifier
-    pending.save()
-    return UpstreamClient(server).authorization_url(state=state, code_challenge=code_challenge)
+    return state, code_challenge
 
 
 def _audit_consent_given(pending: PendingAuthorization, *, remember: bool, remembered: bool) -> None:
@@ -533,31 +544,21 @@ def _pending_error_url(pending: PendingAuthorization, error: OAuthError) -> str:
     ).url
 
 
-def _pending_claim(*, server: McpServer, state: str, browser_key: str | None) -> PendingAuthorization:
-    """Consume the pending authorization of an upstream ``state`` exactly once, even under concurrency
-    (one atomic conditional UPDATE; the row count says who won). Raises ``OAuthError`` (a page) or
-    ``ErrorRedirect`` (expired, but identified and in the right browser)."""
-    state_checksum = checksum(state)
-    now = timezone.now()
-    browser_checksum = checksum(browser_key) if browser_key_is_valid(browser_key) else ""
-    claimed = PendingAuthorization.objects.filter(
-        state_checksum=state_checksum,
-        server=server,
-        browser_key_checksum=browser_checksum,
-        approved_at__isnull=False,
-        consumed_at__isnull=True,
-        expires_at__gt=now,
-    ).update(consumed_at=now)
-    pending = (
-        PendingAuthorization.objects.select_related("server", "client")
-        .filter(state_checksum=state_checksum, server=server)
-        .first()
-    )
-    if claimed == 1 and pending is not None:
-        return pending
-    # Why not: a page, since nothing proves this browser may be sent to the client.
+def _pending_claim(
+    *, server: McpServer, pending: PendingAuthorization | None, browser_key: str | None
+) -> PendingAuthorization:
+    """Consume ``pending`` (the client authorization of an upstream ``state``, as read) exactly once, even
+    under concurrency (one atomic conditional UPDATE; the row count says who won). Raises ``OAuthError``
+    (a page) or ``ErrorRedirect`` (expired, but identified and in the right browser)."""
     if pending is None:
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
+    now = timezone.now()
+    browser_checksum = checksum(browser_key) if browser_key_is_valid(browser_key) else ""
+    if _pending_consumed(pending, browser_key_checksum=browser_checksum, now=now):
+        pending.consumed_at = now
+        return pending
+    # Why not: a page, since nothing proves this browser may be sent to the client. (The row was read
+    # before the UPDATE: a request that consumed it in between is caught by the conditional UPDATE below.)
     if pending.consumed_at is not None:
         raise InvalidRequest("This sign-in was already completed. Start again from your application.")
     if not _browser_matches(pending, browser_key):
@@ -615,14 +616,15 @@ def authorization_complete(
         raise InvalidRequest("The sign-in response has no state. Start again from your application.")
     if len(state) > 512 or _CONTROL_RE.search(state):
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
-    if PendingAuthorization.objects.filter(
-        state_checksum=checksum(state), server=server, tester__isnull=False
-    ).exists():
+    pending = _pending_read(_pending_of_state_sql(), [checksum(state), server.pk])
+    if pending is not None and pending.tester_id is not None:
         from .try_it import try_it_complete  # services.try_it builds on this module
 
         return try_it_complete(server=server, state=state, params=params, browser_key=try_it_key, user=user)
+    if pending is not None:
+        pending.server = pending.client.server = server
     try:
-        pending = _pending_claim(server=server, state=state, browser_key=browser_key)
+        pending = _pending_claim(server=server, pending=pending, browser_key=browser_key)
     except ErrorRedirect as exc:
         return exc.url
     client = pending.client
@@ -721,3 +723,117 @@ def _upstream_tokens_discard(upstream: UpstreamClient, tokens: TokenSet) -> None
     if tokens.refresh_token:
         upstream.revoke(token=tokens.refresh_token, token_type_hint="refresh_token")
     upstream.revoke(token=tokens.access_token, token_type_hint="access_token")
+
+
+# -- the flow's reads and conditional writes of its PendingAuthorization row ------------------------------
+# Written once per process from the models' metadata instead of compiled by the ORM on every request (the
+# compilation cost several times what PostgreSQL spends running them; docs/PERFORMANCE.md finding 7). Values
+# are converted and prepared by the fields themselves, as the ORM does (decryption, encryption bound to the
+# row, JSON).
+
+
+def _pending_read(sql: str, params: list) -> PendingAuthorization | None:
+    """The row of one of the ``_pending_*_sql`` reads, with its client (none for a "Try it" test)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    split = len(PendingAuthorization._meta.concrete_fields)
+    pending = _instance(PendingAuthorization, row[:split])
+    if pending.client_id is not None:  # else a "Try it" test: nothing was joined
+        pending.client = _instance(Client, row[split:])
+    return pending
+
+
+def _instance(model, values):
+    names, converters = _reader(model)
+    values = list(values)
+    for index, field_converters in converters:
+        for convert in field_converters:
+            values[index] = convert(values[index], None, connection)
+    return model.from_db(connection.alias, names, values)
+
+
+@cache
+def _reader(model) -> tuple[list[str], list[tuple[int, list]]]:
+    """Attribute names and the ORM's converters (``from_db_value``, the backend's) of *model*'s columns."""
+    converters = []
+    for index, field in enumerate(model._meta.concrete_fields):
+        column = field.get_col(model._meta.db_table)
+        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if found:
+            converters.append((index, found))
+    return [field.attname for field in model._meta.concrete_fields], converters
+
+
+def _quote(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def _column(name: str) -> str:
+    """The quoted column of a PendingAuthorization field."""
+    return _quote(PendingAuthorization._meta.get_field(name).column)
+
+
+def _pending_select(join: str, where: str) -> str:
+    pending, client = PendingAuthorization._meta, Client._meta
+    return (
+        f"SELECT {select_list(PendingAuthorization, 'p')}, {select_list(Client, 'c')}"  # noqa: S608 (metadata)
+        f" FROM {_quote(pending.db_table)} p {join} JOIN {_quote(client.db_table)} c"
+        f" ON c.{_quote(client.pk.column)} = p.{_column('client')} WHERE {where} LIMIT 1"
+    )
+
+
+@cache
+def _pending_unanswered_sql() -> str:
+    """A client's request not answered yet, by primary key and server (the consent page)."""
+    return _pending_select(
+        "INNER", f"p.{_column('id')} = %s AND p.{_column('server')} = %s AND p.{_column('approved_at')} IS NULL"
+    )
+
+
+@cache
+def _pending_of_state_sql() -> str:
+    """The request (or "Try it" test) of an upstream state, by its checksum and server (the callback)."""
+    return _pending_select("LEFT", f"p.{_column('state_checksum')} = %s AND p.{_column('server')} = %s")
+
+
+_APPROVAL_FIELDS = ("state_checksum", "approved_at", "expires_at", "upstream_code_verifier")
+
+
+def _pending_approved(pending: PendingAuthorization, *, now: datetime) -> bool:
+    """Store the approval set on *pending* if its row is still open: unanswered, unconsumed, unexpired.
+    False when another request answered it first (or it expired)."""
+    fields = tuple(PendingAuthorization._meta.get_field(name) for name in _APPROVAL_FIELDS)
+    with connection.cursor() as cursor:
+        cursor.execute(_pending_approve_sql(), [*db_values(fields, pending, add=False), pending.pk, now])
+        return cursor.rowcount == 1
+
+
+@cache
+def _pending_approve_sql() -> str:
+    assignments = ", ".join(f"{_column(name)} = %s" for name in _APPROVAL_FIELDS)
+    return (
+        f"UPDATE {_quote(PendingAuthorization._meta.db_table)} SET {assignments}"  # noqa: S608 (metadata)
+        f" WHERE {_column('id')} = %s AND {_column('approved_at')} IS NULL AND {_column('consumed_at')} IS NULL"
+        f" AND {_column('expires_at')} > %s"
+    )
+
+
+def _pending_consumed(pending: PendingAuthorization, *, browser_key_checksum: str, now: datetime) -> bool:
+    """Consume *pending* if it is approved, unconsumed, unexpired and of this browser: True for exactly one
+    of any number of concurrent callers."""
+    with connection.cursor() as cursor:
+        cursor.execute(_pending_consume_sql(), [now, pending.pk, browser_key_checksum, now])
+        return cursor.rowcount == 1
+
+
+@cache
+def _pending_consume_sql() -> str:
+    return (
+        f"UPDATE {_quote(PendingAuthorization._meta.db_table)} SET {_column('consumed_at')} = %s"  # noqa: S608
+        f" WHERE {_column('id')} = %s AND {_column('browser_key_checksum')} = %s"
+        f" AND {_column('approved_at')} IS NOT NULL AND {_column('consumed_at')} IS NULL"
+        f" AND {_column('expires_at')} > %s"
+    )

@@ -17,6 +17,23 @@ the socket is connected to the address that was checked, while TLS still verifie
 the check and the connect use one resolution, DNS rebinding between them is not possible. Only with
 ``OAUTHPROXY["CIMD_ALLOW_PRIVATE_ADDRESSES"]`` (tests, local development) are http URLs and private
 addresses allowed.
+
+Client rows are read through a per-process cache (``caching.clients``: by server and ``client_id``, for
+``OAUTHPROXY["CLIENT_CACHE_SECONDS"]``, 5 s by default), as every authorize and token request looks its
+client up. What that means:
+
+- A save or delete of a client in this process drops its entry at once (and again on commit), so a client
+  disabled, changed or deleted here is refused or seen changed by the next request of this process.
+  *Other* processes keep their copy until it expires: a client disabled or deleted elsewhere can still
+  start an authorization or redeem a code there for up to the TTL (as with the server cache and the
+  gateway's token cache). Callers still check ``is_usable()`` on every request; only the row may be that
+  old.
+- The cache never extends a metadata document's life: ``cimd_expires_at`` is checked on every lookup,
+  cached or not, and once it has passed the row is read again from the database (not the cache) before
+  the document is fetched and the row rewritten, so a refresh never writes back a stale copy (e.g.
+  re-enabling a client that another process disabled).
+- Callers get their own copy, whose ``server`` is the caller's server, so nothing a request sets on it
+  leaks into another request.
 """
 
 import json
@@ -45,6 +62,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.connection import create_connection
 
+from ..caching import client_cache_key, clients
 from ..exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri
 from ..models import AuditEvent, Client, McpServer
 from .audit import audit_record
@@ -93,12 +111,18 @@ def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
         return None
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in client_id) or not _is_utf8(client_id):
         return None
-    client = Client.objects.select_related("server").filter(server=server, client_id=client_id).first()
-    if not client_id_is_metadata_url(client_id):
+    client = _with_server(
+        clients.get(
+            client_cache_key(server_id=server.pk, client_id=client_id),
+            lambda: _client_row(server=server, client_id=client_id),
+        ),
+        server,
+    )
+    if _document_is_current(client, client_id):
         return client
-    if client is not None and client.registration_source != Client.RegistrationSource.CIMD:
-        return client  # provisioned by an operator under this id; never taken over by a document
-    if client is not None and client.cimd_expires_at and client.cimd_expires_at > timezone.now():
+    # The document is due (or was never seen): decide on the stored row, never on a cached copy.
+    client = _with_server(_client_row(server=server, client_id=client_id), server)
+    if _document_is_current(client, client_id):
         return client
     try:
         metadata, max_age = _document_load(server=server, url=client_id)
@@ -109,6 +133,27 @@ def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
                        exc.description)
         return client
     return _client_upsert(server=server, url=client_id, metadata=metadata, max_age=max_age, client=client)
+
+
+def _client_row(*, server: McpServer, client_id: str) -> Client | None:
+    """The stored row (no ORDER BY: ``(server, client_id)`` is unique)."""
+    return next(iter(Client.objects.filter(server=server, client_id=client_id)[:1]), None)
+
+
+def _with_server(client: Client | None, server: McpServer) -> Client | None:
+    """The caller's server on the client, never a cached one (and ``is_usable()`` needs no query)."""
+    if client is not None:
+        client.server = server
+    return client
+
+
+def _document_is_current(client: Client | None, client_id: str) -> bool:
+    """Nothing to fetch: not a metadata-document client, or one whose document has not expired yet."""
+    if not client_id_is_metadata_url(client_id):
+        return True
+    if client is not None and client.registration_source != Client.RegistrationSource.CIMD:
+        return True  # provisioned by an operator under this id; never taken over by a document
+    return client is not None and client.cimd_expires_at is not None and client.cimd_expires_at > timezone.now()
 
 
 def _document_load(*, server: McpServer, url: str) -> tuple[ClientMetadata, int]:
@@ -164,7 +209,7 @@ def _client_upsert(
             client.save()
     except IntegrityError:
         # Another request saw this URL at this server first; use its row.
-        winner = Client.objects.select_related("server").filter(server=server, client_id=url).first()
+        winner = _with_server(_client_row(server=server, client_id=url), server)
         if winner is None or winner.registration_source != Client.RegistrationSource.CIMD:
             raise ClientMetadataDocumentError("The client could not be recorded; retry.")
         return winner

@@ -117,7 +117,7 @@ def authorize(request: HttpRequest, slug: str) -> HttpResponse:
     try:
         auth_request = authorization_request_validate(server=server, params=dict(request.GET.lists()))
         response: HttpResponse = HttpResponseRedirect(
-            authorization_begin(auth_request=auth_request, browser_key=browser_key)
+            authorization_begin(auth_request=auth_request, browser_key=browser_key, browser_is_new=new_key)
         )
     except ErrorRedirect as exc:
         return ClientRedirect(exc.url)

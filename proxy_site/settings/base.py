@@ -95,6 +95,12 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+# Django sessions hold admin logins only (the admin, its "Try it" test, the API's session auth). The OAuth
+# flow keeps its consent binding in the PendingAuthorization row and the HttpOnly browser-key cookie; no OAuth
+# request loads or saves a session (the S4 profile has none), so a cache or Redis session backend would save
+# nothing on the flow and would only log admins out on a Redis flush or eviction. The database backend stays.
+SESSION_ENGINE = "django.contrib.sessions.backends.db"
+
 PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2PasswordHasher",  # user passwords
     "oauthproxy.hashers.GeneratedSecretHasher",  # generated client secrets only (see oauthproxy/hashers.py)

@@ -1,5 +1,6 @@
 import json
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -8,10 +9,13 @@ import responses
 from django.core.cache import cache
 from django.utils import timezone
 
+from oauthproxy.caching import DEFAULT_CLIENT_CACHE_SECONDS
 from oauthproxy.models import AuditEvent, Client
 from oauthproxy.services import cimd
 from oauthproxy.services.cimd import ClientMetadataDocumentError, client_id_is_metadata_url, client_resolve
 from oauthproxy.services.registration import RegistrationLimitReached
+from oauthproxy.services.sessions import client_delete, client_update
+from tests.factories import make_client
 
 URL = "https://app.example.com/oauth/client-metadata.json"
 
@@ -330,3 +334,96 @@ def test_http_and_private_addresses_only_when_allowed(settings):
     assert not client_id_is_metadata_url("http://127.0.0.1:8000/client.json")
     assert client_id_is_metadata_url(URL)
     assert not client_id_is_metadata_url("https://app.example.com")
+
+
+@pytest.mark.django_db
+class TestClientCache:
+    """``client_resolve`` keeps client rows per process for a few seconds (``caching.clients``)."""
+
+    def test_a_repeat_lookup_needs_no_query(self, server, django_assert_num_queries):
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        with django_assert_num_queries(0):
+            again = client_resolve(server=server, client_id=client.client_id)
+        assert again.pk == client.pk
+        assert again.server == server and again.is_usable(None)
+
+    def test_an_id_looked_up_before_its_client_existed_is_found_at_once(self, server, django_assert_num_queries):
+        assert client_resolve(server=server, client_id="registered-later") is None
+        with django_assert_num_queries(0):
+            assert client_resolve(server=server, client_id="registered-later") is None
+        created = make_client(server, client_id="registered-later")
+        assert client_resolve(server=server, client_id="registered-later").pk == created.pk
+
+    def test_each_caller_gets_its_own_copy(self, server):
+        client = make_client(server)
+        first = client_resolve(server=server, client_id=client.client_id)
+        first.name, first.redirect_uris, first.disabled = "changed", "https://evil.example/cb", True
+        first.metadata["client_name"] = "changed too"
+        second = client_resolve(server=server, client_id=client.client_id)
+        assert (second.name, second.redirect_uris, second.disabled) == (client.name, client.redirect_uris, False)
+        assert second.metadata == {"client_name": client.name}
+
+    def test_the_client_carries_the_callers_server(self, server):
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        server.enabled = False  # the caller's (fresh) server, e.g. just disabled
+        assert not client_resolve(server=server, client_id=client.client_id).is_usable(None)
+
+    def test_a_client_disabled_in_this_process_is_refused_at_once(self, server):
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        client_update(client=client, actor=None, disabled=True)
+        assert not client_resolve(server=server, client_id=client.client_id).is_usable(None)
+
+    def test_a_changed_client_is_seen_at_once(self, server):
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        client.redirect_uris = "https://app.example/new-callback"
+        client.save()
+        seen = client_resolve(server=server, client_id=client.client_id)
+        assert seen.redirect_uris == "https://app.example/new-callback"
+
+    def test_a_deleted_client_is_unknown_at_once(self, server):
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        client_delete(client=client, actor=None)
+        assert client_resolve(server=server, client_id=client.client_id) is None
+
+    def test_a_client_disabled_by_another_process_is_refused_once_the_ttl_passed(self, server, monkeypatch):
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        Client.objects.filter(pk=client.pk).update(disabled=True)  # another process: no signal reaches this one
+        now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: now + DEFAULT_CLIENT_CACHE_SECONDS + 0.1)
+        assert not client_resolve(server=server, client_id=client.client_id).is_usable(None)
+
+    def test_no_cache_with_a_ttl_of_zero(self, server, settings):
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "CLIENT_CACHE_SECONDS": 0}
+        client = make_client(server)
+        client_resolve(server=server, client_id=client.client_id)
+        Client.objects.filter(pk=client.pk).update(disabled=True)
+        assert not client_resolve(server=server, client_id=client.client_id).is_usable(None)
+
+    def test_a_cached_client_never_outlives_its_metadata_document(self, http, server, monkeypatch):
+        serve(http)  # max-age=600
+        client = client_resolve(server=server, client_id=URL)
+        client_resolve(server=server, client_id=URL)  # now served from the cache
+        assert len(http.calls) == 1
+        http.replace(responses.GET, URL, json=document(redirect_uris=["https://app.example.com/new"]))
+        after_expiry = client.cimd_expires_at + timedelta(seconds=1)
+        monkeypatch.setattr(timezone, "now", lambda: after_expiry)
+        refreshed = client_resolve(server=server, client_id=URL)
+        assert len(http.calls) == 2
+        assert refreshed.redirect_uris == "https://app.example.com/new"
+
+    def test_a_document_refresh_never_undoes_a_change_made_by_another_process(self, http, server, monkeypatch):
+        serve(http)
+        client = client_resolve(server=server, client_id=URL)
+        client_resolve(server=server, client_id=URL)  # now served from the cache
+        Client.objects.filter(pk=client.pk).update(disabled=True)  # an admin, in another process
+        after_expiry = client.cimd_expires_at + timedelta(seconds=1)
+        monkeypatch.setattr(timezone, "now", lambda: after_expiry)
+        refreshed = client_resolve(server=server, client_id=URL)
+        assert len(http.calls) == 2
+        assert refreshed.disabled and Client.objects.get(pk=client.pk).disabled

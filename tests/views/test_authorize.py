@@ -11,6 +11,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from oauthproxy.models import PendingAuthorization
+from oauthproxy.services.sessions import client_delete, client_update
 from oauthproxy.views.authorize import BROWSER_COOKIE
 from tests.conftest import make_server
 from tests.flows.helpers import (
@@ -298,6 +299,39 @@ class TestValidRequest:
         response = authorize(browser, server, mcp_client, nonce="n", prompt="login", foo="bar")
         assert response.status_code == 302
         assert urlsplit(response["Location"]).path == "/oauth/crm/consent"
+
+
+@pytest.mark.django_db
+class TestClientChanges:
+    """The client row is cached per process for a few seconds; changes made here apply at once."""
+
+    def test_a_client_disabled_by_the_admin_is_refused_at_once(self, browser, server, mcp_client):
+        assert authorize(browser, server, mcp_client).status_code == 302  # the client is cached now
+        client_update(client=mcp_client, actor=None, disabled=True)
+        response = authorize(browser, server, mcp_client)
+        assert response.status_code == 302
+        assert query_of(response["Location"])["error"] == "unauthorized_client"
+
+    def test_a_removed_redirect_uri_is_refused_at_once(self, browser, server, mcp_client):
+        assert authorize(browser, server, mcp_client).status_code == 302
+        mcp_client.redirect_uris = "https://app.example/other-callback"
+        mcp_client.save()  # as an RFC 7592 update does
+        response = authorize(browser, server, mcp_client)
+        assert response.status_code == 400 and "Location" not in response
+        assert "not registered" in response.content.decode()
+
+    def test_a_deleted_client_is_unknown_at_once(self, browser, server, mcp_client):
+        assert authorize(browser, server, mcp_client).status_code == 302
+        client_delete(client=mcp_client, actor=None)
+        response = authorize(browser, server, mcp_client)
+        assert response.status_code == 400 and "Location" not in response
+
+    def test_a_new_browser_is_sent_to_consent_with_one_insert(self, browser, server, mcp_client,
+                                                               django_assert_num_queries):
+        authorize(HttpClient(), server, mcp_client)  # another browser: the client row is cached now
+        with django_assert_num_queries(1):  # the pending request; nothing remembered to look for
+            response = authorize(browser, server, mcp_client)
+        assert response["Location"].startswith("/oauth/crm/consent?request=")
 
 
 # -- fuzzing: whatever arrives, the answer is a 4xx page or a redirect, never a 500 ----------------------

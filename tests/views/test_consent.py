@@ -10,17 +10,21 @@ from urllib.parse import urlencode
 
 import pytest
 import responses
+from django.conf import settings as django_settings
+from django.contrib.sessions.models import Session
 from django.db import connection
 from django.test import Client as HttpClient
 from django.utils import timezone
 
 from oauthproxy.models import AuditEvent, Client, Consent, Grant, PendingAuthorization
+from oauthproxy.services.sessions import client_update
 from oauthproxy.views.authorize import BROWSER_COOKIE
 from tests.conftest import make_server
 from tests.flows.helpers import (
     DEFAULT_REDIRECT_URI,
     DEFAULT_STATE,
     approve_consent,
+    authorization_flow,
     authorize,
     authorize_params,
     make_client,
@@ -370,9 +374,54 @@ class TestRememberedConsent:
 
     def test_not_for_a_disabled_client(self, browser, server, mcp_client):
         self.remember(browser, server, mcp_client)
-        Client.objects.filter(pk=mcp_client.pk).update(disabled=True)
+        client_update(client=mcp_client, actor=None, disabled=True)  # as the admin and the API do
         response = authorize(browser, server, mcp_client)
         assert query_of(response["Location"])["error"] == "unauthorized_client"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_approvals_of_one_request_approve_it_once(server):
+    """A double click or a replayed form: exactly one answer creates the upstream state."""
+    mcp_client = make_client(server)
+    browser = HttpClient()
+    consent_url = start_authorization(browser, server, mcp_client)
+    cookie = browser.cookies[BROWSER_COOKIE].value
+    workers = 6
+    barrier = threading.Barrier(workers)
+    locations: list[str | None] = []
+    lock = threading.Lock()
+
+    def run():
+        http = HttpClient()
+        http.cookies[BROWSER_COOKIE] = cookie
+        try:
+            barrier.wait()
+            response = post(http, consent_url, remember="yes")
+            with lock:
+                locations.append(response["Location"] if response.status_code == 302 else None)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    approved = [location for location in locations if location is not None]
+    assert len(locations) == workers and len(approved) == 1
+    pending = PendingAuthorization.objects.get()
+    assert pending.state_checksum == hashlib.sha256(query_of(approved[0])["state"].encode()).hexdigest()
+    assert Consent.objects.count() == 1
+    assert AuditEvent.objects.filter(kind=AuditEvent.Kind.CONSENT_GIVEN).count() == 1
+
+
+@pytest.mark.django_db
+def test_the_flow_keeps_no_django_session(browser, server, mcp_client):
+    """The consent binding is the pending request and the browser-key cookie, never Django's session (see
+    SESSION_ENGINE in the settings): a whole flow sets no session cookie and stores no session."""
+    authorization_flow(browser, server, mcp_client)
+    assert django_settings.SESSION_COOKIE_NAME not in browser.cookies
+    assert not Session.objects.exists()
 
 
 def _chromium_available() -> bool:
