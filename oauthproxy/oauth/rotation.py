@@ -1,9 +1,9 @@
 """A refresh token rotation written in one SQL statement.
 
-Rotating a refresh token is four writes: retire the refresh token presented (``revoked``, its sealed
+Rotating a refresh token is five writes: retire the refresh token presented (``revoked``, its sealed
 answer for a duplicate within the grace window, no access token any more), delete its access token,
-insert the new access token, insert the new refresh token pointing at it. Through the ORM that is four
-round trips to PostgreSQL and four query compilations, about a third of a refresh's cost
+insert the new access token, insert the new refresh token pointing at it, and the audit event. Through
+the ORM that is five round trips to PostgreSQL and five query compilations, about a third of a refresh's cost
 (``docs/PERFORMANCE.md`` finding 4). Here they are one statement of data-modifying CTEs, built once per
 process from the models' own metadata, with each value prepared by its field exactly as ``Model.save()``
 prepares it (``oauthproxy.sql``: checksums, ``auto_now`` stamps, JSON, UUIDs). It runs
@@ -20,24 +20,33 @@ from functools import cache
 from django.db import connection
 from django.db.models import Field
 
-from ..models import AccessToken, RefreshToken
+from ..models import AccessToken, AuditEvent, RefreshToken
 from ..sql import column_list, db_values, insert_fields, saved
 
 
 def rotation_write(
-    *, retired: RefreshToken, sealed_answer: str, now: datetime, access_token: AccessToken, refresh_token: RefreshToken
+    *,
+    retired: RefreshToken,
+    sealed_answer: str,
+    now: datetime,
+    access_token: AccessToken,
+    refresh_token: RefreshToken,
+    audit: AuditEvent,
 ) -> None:
     """Retire *retired* (and delete its access token), insert *access_token* and *refresh_token* (whose
-    ``access_token`` becomes the new access token). The new instances get their primary keys and are saved."""
-    sql, access_fields, refresh_fields = _statement()
+    ``access_token`` becomes the new access token) and the *audit* event of the refresh. The new instances
+    get their primary keys (the audit event's is not read back) and are saved."""
+    sql, access_fields, refresh_fields, audit_fields = _statement()
     params: list = [now, now, sealed_answer, retired.pk, retired.access_token_id]
     params += db_values(access_fields, access_token, add=True)
+    params += db_values(audit_fields, audit, add=True)
     params += db_values(refresh_fields, refresh_token, add=True)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         access_pk, refresh_pk = cursor.fetchone()
     saved(access_token, access_pk)
     saved(refresh_token, refresh_pk)
+    saved(audit)
     refresh_token.access_token = access_token
     retired.revoked = retired.updated = now
     retired.access_token_id = None
@@ -45,10 +54,10 @@ def rotation_write(
 
 
 @cache
-def _statement() -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
+def _statement() -> tuple[str, tuple[Field, ...], tuple[Field, ...], tuple[Field, ...]]:
     quote = connection.ops.quote_name
     access_table, refresh_table = quote(AccessToken._meta.db_table), quote(RefreshToken._meta.db_table)
-    access_fields = insert_fields(AccessToken)
+    access_fields, audit_fields = insert_fields(AccessToken), insert_fields(AuditEvent)
     link = RefreshToken._meta.get_field("access_token")
     refresh_fields = insert_fields(RefreshToken)
     refresh_values = ", ".join("(SELECT id FROM new_access)" if field is link else "%s" for field in refresh_fields)
@@ -65,9 +74,12 @@ def _statement() -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
             INSERT INTO {access_table} ({column_list(access_fields)})
             VALUES ({", ".join("%s" for _ in access_fields)})
             RETURNING {quote("id")}
+        ), audited AS (
+            INSERT INTO {quote(AuditEvent._meta.db_table)} ({column_list(audit_fields)})
+            VALUES ({", ".join("%s" for _ in audit_fields)})
         )
         INSERT INTO {refresh_table} ({column_list(refresh_fields)})
         VALUES ({refresh_values})
         RETURNING (SELECT id FROM new_access), {quote("id")}
     """  # noqa: S608
-    return sql, access_fields, tuple(field for field in refresh_fields if field is not link)
+    return sql, access_fields, tuple(field for field in refresh_fields if field is not link), audit_fields

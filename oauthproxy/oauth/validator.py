@@ -48,7 +48,8 @@ from oauthlib.oauth2.rfc6749 import errors
 from oauthlib.oauth2.rfc6749.grant_types.authorization_code import code_challenge_method_s256
 
 from ..exceptions import InvalidClient, InvalidRequest, OAuthError, UpstreamError
-from ..models import AccessToken, Client, Grant, McpServer, RefreshToken, UpstreamSession
+from ..models import AccessToken, AuditEvent, Client, Grant, McpServer, RefreshToken, UpstreamSession
+from ..services.audit import audit_event
 from ..services.cimd import client_resolve
 from ..services.upstream_sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
 from ..sql import rows_read, select_list
@@ -233,6 +234,7 @@ class TokenRequestOutcome:
     presented_refresh_token: str = field(default="", repr=False)  # raw, in memory only: the replay key
     replay_body: str | None = None  # a duplicate refresh: send this answer again
     revoked_token: bool = False
+    audit: AuditEvent | None = None  # the audit event written with the tokens (a refresh writes it with them)
     sessions_to_end: list[tuple[UpstreamSession, str, str]] = field(default_factory=list)  # session, reason, kind
 
 
@@ -516,8 +518,16 @@ class ProxyOAuth2Validator(OAuth2Validator):
         sealed = replay_seal(
             raw_token=self.outcome.presented_refresh_token, context=replay_context(previous), plaintext=body
         )
+        self.outcome.audit = audit_event(
+            kind=AuditEvent.Kind.TOKEN_REFRESHED,
+            server=self.server,
+            client=request.client,
+            subject=session.subject,
+            detail={"grant_type": "refresh_token", "session": str(session.pk)},
+        )
         rotation_write(
-            retired=previous, sealed_answer=sealed, now=now, access_token=access_token, refresh_token=refresh_token
+            retired=previous, sealed_answer=sealed, now=now, access_token=access_token, refresh_token=refresh_token,
+            audit=self.outcome.audit,
         )
 
     # -- revocation (RFC 7009) ----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from ..oauth.validator import (
 )
 from ..ratelimit import client_ip, rate_limit_hit
 from ..selectors_tokens import access_token_get_active
-from .audit import audit_record
+from .audit import audit_logged, audit_record
 from .upstream_sessions import upstream_session_revoke
 
 TOKEN_PARAMETERS = frozenset(
@@ -227,6 +227,9 @@ def _tokens_issued(*, server: McpServer, grant_type: str, outcome: TokenRequestO
         RefreshToken.objects.filter(pk=rotated.pk).update(replay_response=sealed)
     session, client = outcome.session, outcome.client
     _last_used_touch(client=client, session=session)
+    if outcome.audit is not None:  # written with the tokens
+        audit_logged(outcome.audit)
+        return
     audit_record(
         kind=AuditEvent.Kind.TOKEN_ISSUED if grant_type == "authorization_code" else AuditEvent.Kind.TOKEN_REFRESHED,
         server=server,
