@@ -55,6 +55,12 @@ OAUTHPROXY = {
     # Private-use redirect URI schemes must look like reversed domains (com.example.app:/cb); these
     # single-word schemes of well-known MCP clients are accepted too (Cursor: cursor://anysphere...).
     "REDIRECT_URI_EXTRA_SCHEMES": env_list("REDIRECT_URI_EXTRA_SCHEMES", ["cursor"]),
+    # Each process keeps the server and client rows it reads on every OAuth request for this many seconds;
+    # a change made through another process (or host) reaches this one within that time.
+    "SERVER_CACHE_SECONDS": env_int("SERVER_CACHE_SECONDS", 5),
+    "CLIENT_CACHE_SECONDS": env_int("CLIENT_CACHE_SECONDS", 5),
+    # Threads per process running the token, revoke, register and introspect endpoints (proxy_site/asgi.py).
+    "DIRECT_ENDPOINT_THREADS": env_int("DIRECT_ENDPOINT_THREADS", 16),
 }
 
 # Per-client budget of upstream-touching operations (trips to the upstream login, upstream refreshes),
