@@ -309,6 +309,8 @@ def _forwarded_headers(
 
 # Printable ASCII and tab: goes out as it is. Anything else is looked at by _header_value.
 _SAFE_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# What aiohttp refuses to send (header injection); ASGI servers refuse line breaks before we see them.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _header_value(name: str, value: str) -> str:
@@ -318,7 +320,7 @@ def _header_value(name: str, value: str) -> str:
         text = value.encode("latin-1").decode("utf-8")
     except UnicodeError:
         text = None
-    if text is None or not text.isprintable():
+    if text is None or _CONTROL_CHARACTERS.search(text):
         raise GatewayError(f"The request header {name} cannot be forwarded.", status=400)
     return text
 

@@ -33,7 +33,7 @@ KEEPALIVE_EXPIRY = 4.0
 # aiohttp adds these unless told not to; the gateway sends exactly the headers it chose (Host too).
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
-_WRITE_SLICE = 64 * 1024
+_WRITE_SLICE = 64 * 1024  # request bodies go out in slices of this size (_BoundedBody)
 
 # What a failed exchange raises: aiohttp's errors (its timeouts are also TimeoutError) and the
 # timeouts of this module.
