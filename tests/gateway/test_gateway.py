@@ -3,13 +3,16 @@ real MCP SDK server. What the internal server receives, what the client receives
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import anyio
 import httpx
 import pytest
+from django.test import AsyncClient
 
+from oauthproxy.services.gateway import gateway_upstream_pool_close
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, PROTOCOL_VERSION, make_grant, mcp_client, messages, rpc
 from tests.gateway.internal_server import CannedHttpServer, ServerThread, wait_for
@@ -199,6 +202,24 @@ def test_non_ascii_header_values_pass_as_sent_or_are_refused(gateway, gateway_ur
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == "The request header mcp-param-note cannot be forwarded."
+    assert internal.requests == {}
+
+
+def test_header_values_with_control_characters_are_refused(gateway, internal):
+    """uvicorn refuses them before the gateway sees them; other ASGI servers and Django's route may not."""
+
+    async def scenario():
+        try:
+            return await AsyncClient().post(
+                "/mcp/crm", INITIALIZE, content_type="application/json",
+                headers={**ACCEPT, **gateway.auth, "Mcp-Param-Note": "a\x01b"},
+            )
+        finally:
+            await gateway_upstream_pool_close()
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "The request header mcp-param-note cannot be forwarded."
     assert internal.requests == {}
 
 
