@@ -90,10 +90,11 @@ def row_insert(instance: Model) -> None:
     saved(instance, row[0] if row else None)
 
 
-def rows_insert(first: Model, *dependents: tuple[Model, str]) -> None:
+def rows_insert(first: Model, *dependents: tuple[Model, str | None]) -> None:
     """INSERT *first* and, in the same statement, each ``(instance, link)`` of *dependents*, whose foreign key
-    field *link* is set to *first* (e.g. a client and the audit event of its registration). One statement
-    is atomic on its own: no transaction needed, one round trip."""
+    field *link* is set to *first* (e.g. a client and the audit event of its registration; ``None``: a row
+    written alongside, not linked). One statement is atomic on its own: no transaction needed, one round
+    trip."""
     models = (type(first), *(type(instance) for instance, _link in dependents))
     sql, field_lists = _linked_insert_statement(models, tuple(link for _instance, link in dependents))
     params = db_values(field_lists[0], first, add=True)
@@ -105,7 +106,8 @@ def rows_insert(first: Model, *dependents: tuple[Model, str]) -> None:
     saved(first, pks[0])
     for (instance, link), pk in zip(dependents, pks[1:], strict=True):
         saved(instance, pk)
-        setattr(instance, link, first)
+        if link is not None:
+            setattr(instance, link, first)
 
 
 def row_update(instance: Model, field_names: tuple[str, ...]) -> None:
@@ -130,7 +132,7 @@ def _insert_statement(model: type[Model]) -> tuple[str, tuple[Field, ...]]:
 
 @cache
 def _linked_insert_statement(
-    models: tuple[type[Model], ...], links: tuple[str, ...]
+    models: tuple[type[Model], ...], links: tuple[str | None, ...]
 ) -> tuple[str, tuple[tuple[Field, ...], ...]]:
     quote = connection.ops.quote_name
     first = models[0]
@@ -142,7 +144,7 @@ def _linked_insert_statement(
     ]
     field_lists = [first_fields]
     for index, (model, link) in enumerate(zip(models[1:], links, strict=True), start=1):
-        link_field = model._meta.get_field(link)
+        link_field = model._meta.get_field(link) if link is not None else None
         fields = insert_fields(model)
         values = ", ".join(f"(SELECT {first_pk} FROM row0)" if field is link_field else "%s" for field in fields)
         parts.append(

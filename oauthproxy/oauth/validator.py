@@ -52,7 +52,7 @@ from ..models import AccessToken, AuditEvent, Client, Grant, McpServer, RefreshT
 from ..services.audit import audit_event
 from ..services.cimd import client_resolve
 from ..services.upstream_sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
-from ..sql import rows_read, select_list
+from ..sql import rows_insert, rows_read, select_list
 from .rotation import rotation_write
 
 SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -234,7 +234,7 @@ class TokenRequestOutcome:
     presented_refresh_token: str = field(default="", repr=False)  # raw, in memory only: the replay key
     replay_body: str | None = None  # a duplicate refresh: send this answer again
     revoked_token: bool = False
-    audit: AuditEvent | None = None  # the audit event written with the tokens (a refresh writes it with them)
+    audit: AuditEvent | None = None  # the audit event, written with the tokens
     sessions_to_end: list[tuple[UpstreamSession, str, str]] = field(default_factory=list)  # session, reason, kind
 
 
@@ -504,10 +504,15 @@ class ProxyOAuth2Validator(OAuth2Validator):
             upstream_session=session,
         )
         set_token_value(refresh_token, token["refresh_token"])
-        if previous is None:
-            access_token.save()
-            refresh_token.access_token = access_token
-            refresh_token.save()
+        if previous is None:  # a code redeemed: the two tokens and the audit event in one statement
+            self.outcome.audit = audit_event(
+                kind=AuditEvent.Kind.TOKEN_ISSUED,
+                server=self.server,
+                client=request.client,
+                subject=session.subject,
+                detail={"grant_type": "authorization_code", "session": str(session.pk)},
+            )
+            rows_insert(access_token, (refresh_token, "access_token"), (self.outcome.audit, None))
             return
         # Retire the refresh token presented (and its access token) and seal the answer into it for a
         # duplicate within the grace window. The answer is the token dict as oauthlib serialises it next;
