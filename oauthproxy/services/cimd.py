@@ -40,12 +40,13 @@ import json
 import logging
 import time
 from datetime import timedelta
+from functools import cache as memoize
 from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from oauth2_provider.cimd import (
     CIMDError,
@@ -65,6 +66,7 @@ from urllib3.util.connection import create_connection
 from ..caching import client_cache_key, clients
 from ..exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri
 from ..models import AuditEvent, Client, McpServer
+from ..sql import rows_read, select_list
 from .audit import audit_record
 from .registration import (
     ClientMetadata,
@@ -136,8 +138,18 @@ def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
 
 
 def _client_row(*, server: McpServer, client_id: str) -> Client | None:
-    """The stored row (no ORDER BY: ``(server, client_id)`` is unique)."""
-    return next(iter(Client.objects.filter(server=server, client_id=client_id)[:1]), None)
+    """The stored row, by a statement built once per process (``(server, client_id)`` is unique)."""
+    return next(iter(rows_read(Client, _client_row_sql(), [server.pk, client_id])), None)
+
+
+@memoize
+def _client_row_sql() -> str:
+    quote, client = connection.ops.quote_name, Client._meta
+    server_id, client_id = (quote(client.get_field(name).column) for name in ("server", "client_id"))
+    return (
+        f"SELECT {select_list(Client, 'c')} FROM {quote(client.db_table)} c"  # noqa: S608 (identifiers from metadata)
+        f" WHERE c.{server_id} = %s AND c.{client_id} = %s LIMIT 1"
+    )
 
 
 def _with_server(client: Client | None, server: McpServer) -> Client | None:
