@@ -84,10 +84,11 @@ def _readers(model: type[Model]) -> tuple[list[str], list[tuple[int, list]]]:
 def row_insert(instance: Model) -> None:
     """INSERT *instance* (a new row) and set its primary key."""
     sql, fields = _insert_statement(type(instance))
+    returns_pk = type(instance)._meta.pk.db_returning
     with connection.cursor() as cursor:
         cursor.execute(sql, db_values(fields, instance, add=True))
-        row = cursor.fetchone()
-    saved(instance, row[0] if row else None)
+        pk = cursor.fetchone()[0] if returns_pk else None  # else the primary key was set in Python
+    saved(instance, pk)
 
 
 def rows_insert(first: Model, *dependents: tuple[Model, str | None]) -> None:

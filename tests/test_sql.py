@@ -96,3 +96,10 @@ def test_rows_insert_writes_a_row_and_the_rows_that_point_at_it_in_one_statement
     assert stored.client_id == "linked-client" and stored.server_id == server.pk
     assert sorted(AuditEvent.objects.filter(client=stored).values_list("message", flat=True)) == ["0", "1"]
     assert all(event.client is client and event.pk for event in events)
+
+
+def test_row_insert_of_a_model_whose_primary_key_is_set_in_python(server):
+    session = UpstreamSession(server=server, client=make_client(server), subject="bob", access_token="at-1",
+                              refresh_token="rt-1")
+    row_insert(session)
+    assert UpstreamSession.objects.get(pk=session.pk).access_token == "at-1"

@@ -20,6 +20,7 @@ from django.core.cache import cache
 
 from ..exceptions import RateLimited
 from ..models import AuditEvent, Client
+from ..ratelimit import counters_add
 from .audit import audit_record
 
 OPERATIONS = ("authorize", "refresh")
@@ -85,17 +86,6 @@ def _key(client_pk, window: str, bucket: int, suffix: str = "") -> str:
     return f"quota:{client_pk}:{window}:{bucket}{':' + suffix if suffix else ''}"
 
 
-def _incr(key: str, timeout: int) -> int:
-    # add() is atomic on Redis and locmem; incr() then counts (as in oauthproxy.ratelimit).
-    if cache.add(key, 1, timeout=timeout):
-        return 1
-    try:
-        return cache.incr(key)
-    except ValueError:  # expired between add() and incr()
-        cache.add(key, 1, timeout=timeout)
-        return 1
-
-
 def quota_consume(*, client: Client, operation: str) -> None:
     """Count one upstream operation for this client, or raise ``QuotaExceeded`` (a ``RateLimited``:
     429, ``Retry-After``) without counting it when either window's budget is spent.
@@ -106,20 +96,20 @@ def quota_consume(*, client: Client, operation: str) -> None:
         raise ValueError(f"unknown quota operation {operation!r}; use one of {', '.join(OPERATIONS)}")
     limits = quota_limits(server=client.server)
     now = time.time()
-    counted: list[str] = []
-    for window, seconds in WINDOWS:
+    buckets = [(window, seconds, *_bucket(seconds, now)) for window, seconds in WINDOWS]
+    # The windows' counters and the operation's own, in one round trip; a refused operation takes them back.
+    counters = [(_key(client.pk, window, bucket), seconds + 1) for window, seconds, bucket, _ in buckets]
+    counters += [(_key(client.pk, window, bucket, operation), seconds + 1) for window, seconds, bucket, _ in buckets]
+    counts = counters_add(counters)
+    for (window, seconds, bucket, resets_in), count in zip(buckets, counts, strict=False):
         limit = limits[window]
-        bucket, resets_in = _bucket(seconds, now)
-        key = _key(client.pk, window, bucket)
-        count = _incr(key, seconds + 1)
-        counted.append(key)
         if limit and count > limit:
-            for done in counted:  # a refused operation spends nothing
+            for key, _ttl in counters:  # a refused operation spends nothing
                 try:
-                    cache.decr(done)
+                    cache.decr(key)
                 except ValueError:  # the window just ended
                     pass
-            _incr(_key(client.pk, window, bucket, "rejected"), seconds + 1)
+            counters_add([(_key(client.pk, window, bucket, "rejected"), seconds + 1)])
             if cache.add(_key(client.pk, window, bucket, "audited"), 1, timeout=seconds + 1):
                 audit_record(
                     kind=AuditEvent.Kind.QUOTA_EXCEEDED,
@@ -129,9 +119,6 @@ def quota_consume(*, client: Client, operation: str) -> None:
                     detail={"operation": operation, "window": window, "limit": limit},
                 )
             raise QuotaExceeded(operation=operation, window=window, limit=limit, retry_after=resets_in)
-    for window, seconds in WINDOWS:
-        bucket, _ = _bucket(seconds, now)
-        _incr(_key(client.pk, window, bucket, operation), seconds + 1)
 
 
 def quota_usage(*, client: Client) -> list[QuotaWindowUsage]:
