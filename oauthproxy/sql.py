@@ -52,21 +52,28 @@ def rows_read(model: type[Model], sql: str, params: list, *, extra: tuple[str, .
     """Instances of *model* from *sql*, whose select list starts with ``select_list(model, ...)`` and may end
     with one more column per name in *extra* (set as attributes). Values are converted as the ORM converts
     them (``from_db_value``, backend converters), instances built with ``Model.from_db``."""
-    names, converters = _readers(model)
+    width = len(model._meta.concrete_fields)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     instances = []
     for row in rows:
-        values = list(row[: len(names)])
-        for index, field_converters in converters:
-            for convert in field_converters:
-                values[index] = convert(values[index], None, connection)
-        instance = model.from_db(connection.alias, names, values)
-        for name, value in zip(extra, row[len(names):], strict=True):
+        instance = row_instance(model, row[:width])
+        for name, value in zip(extra, row[width:], strict=True):
             setattr(instance, name, value)
         instances.append(instance)
     return instances
+
+
+def row_instance(model: type[Model], values) -> Model:
+    """An instance of *model* from the values of its concrete columns in field order (``select_list``),
+    converted as the ORM converts them (``from_db_value``, backend converters)."""
+    names, converters = _readers(model)
+    values = list(values)
+    for index, field_converters in converters:
+        for convert in field_converters:
+            values[index] = convert(values[index], None, connection)
+    return model.from_db(connection.alias, names, values)
 
 
 @cache

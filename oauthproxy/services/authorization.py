@@ -58,7 +58,7 @@ from ..exceptions import (
 )
 from ..models import AuditEvent, Client, Consent, Grant, McpServer, PendingAuthorization
 from ..ratelimit import rate_limit_hit
-from ..sql import db_values, select_list
+from ..sql import db_values, row_instance, select_list
 from .audit import audit_record
 from .cimd import client_resolve
 from .quotas import QuotaExceeded, quota_consume
@@ -740,31 +740,10 @@ def _pending_read(sql: str, params: list) -> PendingAuthorization | None:
     if row is None:
         return None
     split = len(PendingAuthorization._meta.concrete_fields)
-    pending = _instance(PendingAuthorization, row[:split])
+    pending = row_instance(PendingAuthorization, row[:split])
     if pending.client_id is not None:  # else a "Try it" test: nothing was joined
-        pending.client = _instance(Client, row[split:])
+        pending.client = row_instance(Client, row[split:])
     return pending
-
-
-def _instance(model, values):
-    names, converters = _reader(model)
-    values = list(values)
-    for index, field_converters in converters:
-        for convert in field_converters:
-            values[index] = convert(values[index], None, connection)
-    return model.from_db(connection.alias, names, values)
-
-
-@cache
-def _reader(model) -> tuple[list[str], list[tuple[int, list]]]:
-    """Attribute names and the ORM's converters (``from_db_value``, the backend's) of *model*'s columns."""
-    converters = []
-    for index, field in enumerate(model._meta.concrete_fields):
-        column = field.get_col(model._meta.db_table)
-        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
-        if found:
-            converters.append((index, found))
-    return [field.attname for field in model._meta.concrete_fields], converters
 
 
 def _quote(name: str) -> str:
