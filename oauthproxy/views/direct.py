@@ -1,17 +1,21 @@
-"""The OAuth endpoints that programs call, served straight from ASGI: token, revocation, registration and
-introspection of each MCP server.
+"""The OAuth endpoints of each MCP server, served straight from ASGI on a fixed pool of threads.
 
-``proxy_site.asgi`` sends these requests here instead of through Django's ASGI handler. They are called by
-programs, not browsers: no cookie, session, user, CSRF token, message or HTML, so Django's middleware stack
-has nothing to do for them, yet under ASGI it costs a new thread per request and a thread hop per
-synchronous middleware (about half of a refresh's CPU, ``docs/PERFORMANCE.md`` finding 4). Here the same
-views (found by Django's URL resolver, so the routes stay the one source of truth) run on a fixed pool of
-threads, each reusing its database connection from the pool between requests.
+``proxy_site.asgi`` sends ``/oauth/<slug>/...`` requests here instead of through Django's ASGI handler,
+which runs each request's synchronous part in a new thread and hops threads around every synchronous
+middleware (about half of a refresh's CPU and a third of a login flow's, ``docs/PERFORMANCE.md`` findings 4
+and 7). The views are found by Django's URL resolver (the routes stay the one source of truth) and run on
+a fixed pool of threads, each reusing its database connection from the pool between requests:
 
-What the middleware did that still matters is kept: the ``Host`` check (``ALLOWED_HOSTS``), the security
-headers (``SecurityMiddleware``, ``XFrameOptionsMiddleware``), a 503 with ``Retry-After`` when the database is
-unreachable (``DatabaseUnavailableMiddleware``), Django's exception responses and logging, the request
-signals (connection hygiene), and a bounded request body.
+- the endpoints programs call (token, revocation, registration, introspection) have no cookie, session,
+  user, CSRF token or HTML, so they skip the middleware stack. What it did that still matters is kept: the
+  ``Host`` check (``ALLOWED_HOSTS``), the security headers (``SecurityMiddleware``,
+  ``XFrameOptionsMiddleware``), a 503 with ``Retry-After`` when the database is unreachable
+  (``DatabaseUnavailableMiddleware``), Django's exception responses and logging, a bounded request body;
+- the pages a browser visits (authorize, consent, callback) get the whole middleware stack of the settings
+  (CSRF, sessions, the admin's user for "Try it", security headers), run synchronously as a WSGI server
+  runs it: the same behaviour without the thread hops.
+
+Either way the request signals are sent on the pool thread (connection hygiene).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.core import signals
 from django.core.handlers.asgi import ASGIRequest
+from django.core.handlers.base import BaseHandler
 from django.core.handlers.exception import response_for_exception
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponseBase
@@ -37,11 +42,13 @@ from ..middleware import database_unavailable_response
 
 logger = logging.getLogger(__name__)
 
-DIRECT_URL_NAMES = frozenset({"oauth-token", "oauth-revoke", "oauth-register", "oauth-introspect"})
-_CANDIDATE_PATH = re.compile(r"^/oauth/[^/]+/(?:token|revoke|register|introspect)$")
+PROGRAM_URL_NAMES = frozenset({"oauth-token", "oauth-revoke", "oauth-register", "oauth-introspect"})
+PAGE_URL_NAMES = frozenset({"oauth-authorize", "oauth-consent", "oauth-callback"})
+_CANDIDATE_PATH = re.compile(r"^/oauth/[^/]+/(?:token|revoke|register|introspect|authorize|consent|callback)$")
 DEFAULT_THREADS = 16  # per process; requests beyond it queue here (the database pool bounds them anyway)
 
 _executor: ThreadPoolExecutor | None = None
+_page_handler_instance: BaseHandler | None = None
 _security_middleware = SecurityMiddleware(lambda request: None)
 _frame_options_middleware = XFrameOptionsMiddleware(lambda request: None)
 
@@ -58,7 +65,7 @@ def direct_endpoint_match(scope: dict) -> ResolverMatch | None:
         match = get_resolver().resolve(path)
     except Resolver404:
         return None
-    return match if match.url_name in DIRECT_URL_NAMES else None
+    return match if match.url_name in PROGRAM_URL_NAMES or match.url_name in PAGE_URL_NAMES else None
 
 
 async def direct_endpoint_asgi(scope: dict, receive, send, *, match: ResolverMatch) -> None:
@@ -106,21 +113,37 @@ def _respond(request: ASGIRequest, match: ResolverMatch) -> HttpResponseBase:
     """On a pool thread: the view's response, as Django's handler and middleware would have shaped it."""
     signals.request_started.send(sender=DirectEndpointHandler)
     try:
-        request.resolver_match = match
-        try:
-            request.get_host()  # ALLOWED_HOSTS (DisallowedHost: 400, logged as Django does)
-            response = match.func(request, *match.args, **match.kwargs)
-            if callable(getattr(response, "render", None)):  # DRF's Response
-                response = response.render()
-        except (OperationalError, InterfaceError) as exc:
-            response = database_unavailable_response(request, exc)
-        except Exception as exc:  # Django's answer to any exception: 400/403/404, or a logged 500
-            response = response_for_exception(request, exc)
-        _security_middleware.process_response(request, response)
-        _frame_options_middleware.process_response(request, response)
-        return response
+        if match.url_name in PAGE_URL_NAMES:
+            return _page_handler().get_response(request)
+        return _program_response(request, match)
     finally:
         signals.request_finished.send(sender=DirectEndpointHandler)  # returns the connection to the pool
+
+
+def _program_response(request: ASGIRequest, match: ResolverMatch) -> HttpResponseBase:
+    request.resolver_match = match
+    try:
+        request.get_host()  # ALLOWED_HOSTS (DisallowedHost: 400, logged as Django does)
+        response = match.func(request, *match.args, **match.kwargs)
+        if callable(getattr(response, "render", None)):  # DRF's Response
+            response = response.render()
+    except (OperationalError, InterfaceError) as exc:
+        response = database_unavailable_response(request, exc)
+    except Exception as exc:  # Django's answer to any exception: 400/403/404, or a logged 500
+        response = response_for_exception(request, exc)
+    _security_middleware.process_response(request, response)
+    _frame_options_middleware.process_response(request, response)
+    return response
+
+
+def _page_handler() -> BaseHandler:
+    """Django's handler with the settings' middleware loaded synchronously (as ``WSGIHandler`` loads it)."""
+    global _page_handler_instance
+    if _page_handler_instance is None:
+        handler = BaseHandler()
+        handler.load_middleware(is_async=False)
+        _page_handler_instance = handler
+    return _page_handler_instance
 
 
 class DirectEndpointHandler:
@@ -129,6 +152,8 @@ class DirectEndpointHandler:
 
 async def _send(response: HttpResponseBase, send) -> None:
     headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.items()]
+    for cookie in response.cookies.values():
+        headers.append((b"set-cookie", cookie.output(header="").encode("latin-1").strip()))
     content = response.content
     if not response.has_header("Content-Length"):
         headers.append((b"content-length", str(len(content)).encode()))

@@ -3,6 +3,7 @@
 
 import asyncio
 import json
+import re
 import threading
 from unittest import mock
 
@@ -116,9 +117,45 @@ def test_an_oversized_body_is_refused_before_the_view(server, settings):
     assert response.json()["error"] == "invalid_request"
 
 
-def test_other_oauth_paths_still_go_through_django(server, handler_threads):
-    response = asgi_request("GET", f"/oauth/{server.slug}/authorize")
-    assert response.status_code == 400  # the authorize page's own answer to a request without parameters
+def test_the_login_pages_run_on_the_endpoint_threads_with_the_whole_middleware_stack(server, handler_threads):
+    """Authorize, then the consent page: cookies set and sent back, CSRF enforced, security headers kept."""
+    from proxy_site.asgi import application
+    from tests.flows.helpers import authorize_params, make_client
+
+    client = make_client(server)
+
+    async def flow():
+        transport = httpx.ASGITransport(app=application)
+        # https: the test settings' PUBLIC_BASE_URL is https, so the proxy's cookies are Secure.
+        origin = {"Origin": "https://proxy.test"}
+        async with httpx.AsyncClient(transport=transport, base_url="https://proxy.test") as browser:
+            started = await browser.get(f"/oauth/{server.slug}/authorize", params=authorize_params(client))
+            consent_url = started.headers["Location"]
+            page = await browser.get(consent_url)
+            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)[1]
+            request_id = re.search(r'name="request" value="([^"]+)"', page.text)[1]
+            answer = {"request": request_id, "decision": "approve"}
+            forged = await browser.post(consent_url, data=answer, headers=origin)
+            approved = await browser.post(
+                consent_url, data={"request": request_id, "decision": "approve", "csrfmiddlewaretoken": token},
+                headers=origin,
+            )
+            return started, page, forged, approved
+
+    started, page, forged, approved = asyncio.run(flow())
+    assert started.status_code == 302 and "set-cookie" in started.headers  # the browser binding cookie
+    assert page.status_code == 200
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "csrftoken=" in page.headers.get("set-cookie", "")
+    assert forged.status_code == 403  # CsrfViewMiddleware ran
+    assert approved.status_code == 302
+    assert approved.headers["Location"].startswith(server.authorization_endpoint)
+    assert handler_threads and all(name.startswith("oauth-endpoint") for name in handler_threads)
+
+
+def test_other_paths_still_go_through_django(server, handler_threads):
+    response = asgi_request("GET", "/admin/login/")
+    assert response.status_code == 200
     assert not any(name.startswith("oauth-endpoint") for name in handler_threads)
     response = asgi_request("POST", f"/oauth/{server.slug}/token/extra")
     assert response.status_code == 404
