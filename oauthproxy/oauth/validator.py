@@ -505,13 +505,7 @@ class ProxyOAuth2Validator(OAuth2Validator):
         )
         set_token_value(refresh_token, token["refresh_token"])
         if previous is None:  # a code redeemed: the two tokens and the audit event in one statement
-            self.outcome.audit = audit_event(
-                kind=AuditEvent.Kind.TOKEN_ISSUED,
-                server=self.server,
-                client=request.client,
-                subject=session.subject,
-                detail={"grant_type": "authorization_code", "session": str(session.pk)},
-            )
+            self.outcome.audit = self._issue_audit(AuditEvent.Kind.TOKEN_ISSUED, "authorization_code", request)
             rows_insert(access_token, (refresh_token, "access_token"), (self.outcome.audit, None))
             return
         # Retire the refresh token presented (and its access token) and seal the answer into it for a
@@ -523,16 +517,21 @@ class ProxyOAuth2Validator(OAuth2Validator):
         sealed = replay_seal(
             raw_token=self.outcome.presented_refresh_token, context=replay_context(previous), plaintext=body
         )
-        self.outcome.audit = audit_event(
-            kind=AuditEvent.Kind.TOKEN_REFRESHED,
-            server=self.server,
-            client=request.client,
-            subject=session.subject,
-            detail={"grant_type": "refresh_token", "session": str(session.pk)},
-        )
+        self.outcome.audit = self._issue_audit(AuditEvent.Kind.TOKEN_REFRESHED, "refresh_token", request)
         rotation_write(
             retired=previous, sealed_answer=sealed, now=now, access_token=access_token, refresh_token=refresh_token,
             audit=self.outcome.audit,
+        )
+
+    def _issue_audit(self, kind: str, grant_type: str, request) -> AuditEvent:
+        """The audit event of tokens issued, written in the same statement as the tokens."""
+        session = request.upstream_session
+        return audit_event(
+            kind=kind,
+            server=self.server,
+            client=request.client,
+            subject=session.subject,
+            detail={"grant_type": grant_type, "session": str(session.pk)},
         )
 
     # -- revocation (RFC 7009) ----------------------------------------------------------------------

@@ -8,19 +8,9 @@ from ..sql import row_insert
 logger = logging.getLogger("oauthproxy.audit")
 
 
-def audit_record(
-    *,
-    kind: str,
-    server=None,
-    client=None,
-    actor=None,
-    subject: str = "",
-    message: str = "",
-    detail: dict | None = None,
-) -> AuditEvent:
-    event = audit_event(
-        kind=kind, server=server, client=client, actor=actor, subject=subject, message=message, detail=detail
-    )
+def audit_record(**fields) -> AuditEvent:
+    """Write and log an audit event (the fields of ``audit_event``)."""
+    event = audit_event(**fields)
     row_insert(event)  # one precompiled INSERT: audit rows are written on every token request
     audit_logged(event)
     return event

@@ -39,6 +39,7 @@ from django.urls import Resolver404, ResolverMatch, get_resolver
 
 from ..exceptions import InvalidRequest, oauth_error_response
 from ..middleware import database_unavailable_response
+from .asgi_io import BodyTooLarge, body_read
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +71,15 @@ def direct_endpoint_match(scope: dict) -> ResolverMatch | None:
 
 async def direct_endpoint_asgi(scope: dict, receive, send, *, match: ResolverMatch) -> None:
     """Serve one request to a direct endpoint: read the body, run the view on the pool, send the answer."""
-    body = bytearray()
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 2_621_440
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body += message.get("body", b"")
-        if len(body) > limit:
-            response = oauth_error_response(InvalidRequest("The request body is too large."))
-            response.status_code = 413
-            await _send(response, send)
-            return
-        if not message.get("more_body", False):
-            break
+    try:
+        body = await body_read(receive, limit=settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 2_621_440)
+    except BodyTooLarge:
+        response = oauth_error_response(InvalidRequest("The request body is too large."))
+        response.status_code = 413
+        await _send(response, send)
+        return
+    if body is None:  # the client went away
+        return
     try:
         request = ASGIRequest(scope, io.BytesIO(body))
     except UnicodeDecodeError:  # as Django's handler: a query string that is not UTF-8

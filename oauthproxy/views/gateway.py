@@ -37,6 +37,7 @@ from ..services.gateway import (
     jsonrpc_error,
     max_request_bytes,
 )
+from .asgi_io import BodyTooLarge, body_read
 
 logger = logging.getLogger(__name__)
 
@@ -145,18 +146,13 @@ def gateway_path_slug(scope: dict) -> str | None:
 
 async def gateway_asgi(scope: dict, receive, send, *, slug: str) -> None:
     """Serve one gateway request over ASGI with the ``gateway`` view and no middleware."""
-    body = bytearray()
-    limit = max_request_bytes()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body += message.get("body", b"")
-        if len(body) > limit:
-            await _send_response(_too_large(), send)
-            return
-        if not message.get("more_body", False):
-            break
+    try:
+        body = await body_read(receive, limit=max_request_bytes())
+    except BodyTooLarge:
+        await _send_response(_too_large(), send)
+        return
+    if body is None:  # the client went away
+        return
     try:
         request = ASGIRequest(scope, io.BytesIO(body))
         result = await gateway_handle(request, slug)
