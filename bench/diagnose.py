@@ -154,7 +154,8 @@ def main() -> None:
             continue
         print(
             f"{name}: HTTP {entry['status']}, {entry['queries']} queries, "
-            f"{entry['ms_per_request_in_process']} ms ({entry['cpu_ms_per_request_in_process']} ms CPU) per request in process"
+            f"{entry['ms_per_request_in_process']} ms ({entry['cpu_ms_per_request_in_process']} ms CPU) "
+            "per request in process"
         )
         for sql in entry["sql"]:
             print(f"    {sql}")

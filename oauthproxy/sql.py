@@ -118,11 +118,19 @@ def rows_insert(first: Model, *dependents: tuple[Model, str | None]) -> None:
             setattr(instance, link, first)
 
 
-def row_update(instance: Model, field_names: tuple[str, ...]) -> None:
-    """UPDATE the columns of *field_names* of *instance*'s row (``save(update_fields=...)``)."""
-    sql, fields = _update_statement(type(instance), field_names)
+def row_update(instance: Model, field_names: tuple[str, ...], *, inserting: tuple[Model, ...] = ()) -> None:
+    """UPDATE the columns of *field_names* of *instance*'s row (``save(update_fields=...)``), and INSERT the
+    new rows of *inserting* in the same statement (e.g. the audit event of the change)."""
+    sql, fields, insert_field_lists = _update_statement(
+        type(instance), field_names, tuple(type(row) for row in inserting)
+    )
+    params = []
+    for row, row_fields in zip(inserting, insert_field_lists, strict=True):
+        params += db_values(row_fields, row, add=True)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*db_values(fields, instance, add=False), instance.pk])
+        cursor.execute(sql, [*params, *db_values(fields, instance, add=False), instance.pk])
+    for row in inserting:
+        saved(row)
 
 
 @cache
@@ -165,12 +173,23 @@ def _linked_insert_statement(
 
 
 @cache
-def _update_statement(model: type[Model], field_names: tuple[str, ...]) -> tuple[str, tuple[Field, ...]]:
+def _update_statement(
+    model: type[Model], field_names: tuple[str, ...], insert_models: tuple[type[Model], ...]
+) -> tuple[str, tuple[Field, ...], tuple[tuple[Field, ...], ...]]:
     quote = connection.ops.quote_name
     fields = tuple(model._meta.get_field(name) for name in field_names)
     assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
+    inserts, insert_field_lists = [], []
+    for index, insert_model in enumerate(insert_models):
+        insert_fields_ = insert_fields(insert_model)
+        inserts.append(
+            f"inserted{index} AS (INSERT INTO {quote(insert_model._meta.db_table)} ({column_list(insert_fields_)})"
+            f" VALUES ({', '.join('%s' for _ in insert_fields_)}))"
+        )
+        insert_field_lists.append(insert_fields_)
+    prefix = f"WITH {', '.join(inserts)} " if inserts else ""
     return (
-        f"UPDATE {quote(model._meta.db_table)} SET {assignments}"
-        f" WHERE {quote(model._meta.pk.column)} = %s",
+        f"{prefix}UPDATE {quote(model._meta.db_table)} SET {assignments} WHERE {quote(model._meta.pk.column)} = %s",
         fields,
+        tuple(insert_field_lists),
     )

@@ -15,7 +15,7 @@ from django.utils import timezone
 from ..exceptions import UpstreamError
 from ..models import AuditEvent, Client, McpServer, UpstreamSession
 from ..sql import row_update
-from .audit import audit_record
+from .audit import audit_event, audit_logged, audit_record
 from .quotas import QuotaExceeded, quota_consume
 from .upstream import TokenSet, UpstreamClient, expires_at_from
 
@@ -170,10 +170,11 @@ def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -
         locked.scope = tokens.scope
     locked.refresh_count += 1
     locked.refreshed_at = timezone.now()
+    event = audit_event(kind=AuditEvent.Kind.UPSTREAM_REFRESHED, server=locked.server, client=locked.client,
+                        subject=locked.subject)
     row_update(locked, ("access_token", "refresh_token", "expires_at", "token_type", "scope", "refresh_count",
-                        "refreshed_at"))
-    audit_record(kind=AuditEvent.Kind.UPSTREAM_REFRESHED, server=locked.server, client=locked.client,
-                 subject=locked.subject)
+                        "refreshed_at"), inserting=(event,))
+    audit_logged(event)
     return None
 
 
