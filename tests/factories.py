@@ -15,9 +15,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import threading
 from datetime import timedelta
 from urllib.parse import quote, urlencode
 
+from django.db import connections
 from django.utils import timezone
 
 from oauthproxy.models import Client, Grant, IntrospectionCredential, McpServer, UpstreamSession
@@ -203,3 +205,25 @@ def make_introspection_credential(
     secret = credential.set_secret()
     credential.save()
     return credential, secret
+
+
+def run_in_threads(count: int, work) -> list:
+    """Run *work(i)* in *count* threads released together; each thread has its own DB connection."""
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def target(i):
+        try:
+            barrier.wait(timeout=10)
+            results[i] = work(i)
+        except Exception as exc:  # surfaced by the assertions on results
+            results[i] = exc
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results

@@ -24,7 +24,7 @@ from oauthproxy.services.upstream_sessions import (
     upstream_token_is_due,
 )
 from tests.conftest import UPSTREAM
-from tests.factories import issue_tokens, make_client, make_upstream_session
+from tests.factories import issue_tokens, make_client, make_upstream_session, run_in_threads
 
 TOKEN_URL = f"{UPSTREAM}/token"
 REVOKE_URL = f"{UPSTREAM}/revoke"
@@ -174,26 +174,13 @@ def slow_upstream(request):
 def test_concurrent_callers_refresh_once(server):
     client = make_client(server)
     session = make_upstream_session(server, client, expires_in=5)
-    barrier = threading.Barrier(6)
-    results = []
-
-    def work():
-        try:
-            barrier.wait(timeout=10)
-            copy = UpstreamSession.objects.get(pk=session.pk)
-            results.append(upstream_session_ensure_fresh(session=copy).access_token)
-        except Exception as exc:
-            results.append(exc)
-        finally:
-            connections.close_all()
+    def work(_i):
+        copy = UpstreamSession.objects.get(pk=session.pk)
+        return upstream_session_ensure_fresh(session=copy).access_token
 
     with responses.RequestsMock() as mock:
         mock.add_callback(responses.POST, TOKEN_URL, callback=slow_upstream)
-        threads = [threading.Thread(target=work) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
+        results = run_in_threads(6, work)
         assert token_calls(mock) == 1
     assert UpstreamSession.objects.get(pk=session.pk).refresh_count == 1
     assert results == ["at-once"] * 6

@@ -4,7 +4,6 @@
 import base64
 import hashlib
 import logging
-import threading
 from datetime import timedelta
 from urllib.parse import unquote
 
@@ -12,7 +11,7 @@ import pytest
 import requests
 import responses
 from django.core.cache import cache
-from django.db import connection, connections
+from django.db import connection
 from django.test import Client as HttpClient
 from django.utils import timezone
 from hypothesis import HealthCheck, given
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 from oauthproxy.models import AuditEvent, Client, Grant, PendingAuthorization, UpstreamSession
 from oauthproxy.views.authorize import BROWSER_COOKIE
 from tests.conftest import make_server
+from tests.factories import run_in_threads
 from tests.flows.helpers import (
     DEFAULT_CODE_VERIFIER,
     DEFAULT_REDIRECT_URI,
@@ -290,29 +290,16 @@ def test_concurrent_callbacks_with_one_state_complete_once(server):
     state = begin(browser, server, mcp_client)
     cookie = browser.cookies[BROWSER_COOKIE].value
     workers = 6
-    barrier = threading.Barrier(workers)
-    results: list[int] = []
-    lock = threading.Lock()
 
-    def run():
+    def run(_i):
         http = HttpClient()
         http.cookies[BROWSER_COOKIE] = cookie
-        try:
-            barrier.wait()
-            response = callback(http, server, state=state)
-            with lock:
-                results.append(response.status_code if response.status_code != 302 or "code=" in
-                               response["Location"] else -1)
-        finally:
-            connections.close_all()
+        response = callback(http, server, state=state)
+        return response.status_code if response.status_code != 302 or "code=" in response["Location"] else -1
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
         upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response())
-        threads = [threading.Thread(target=run) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_in_threads(workers, run)
         assert len(token_calls(upstream, server)) == 1
     assert sorted(results) == [302] + [400] * (workers - 1)
     assert Grant.objects.count() == 1

@@ -20,6 +20,7 @@ from oauthproxy.models import AuditEvent, Client, Consent, Grant, PendingAuthori
 from oauthproxy.services.sessions import client_update
 from oauthproxy.views.authorize import BROWSER_COOKIE
 from tests.conftest import make_server
+from tests.factories import run_in_threads
 from tests.flows.helpers import (
     DEFAULT_REDIRECT_URI,
     DEFAULT_STATE,
@@ -387,26 +388,14 @@ def test_concurrent_approvals_of_one_request_approve_it_once(server):
     consent_url = start_authorization(browser, server, mcp_client)
     cookie = browser.cookies[BROWSER_COOKIE].value
     workers = 6
-    barrier = threading.Barrier(workers)
-    locations: list[str | None] = []
-    lock = threading.Lock()
 
-    def run():
+    def run(_i):
         http = HttpClient()
         http.cookies[BROWSER_COOKIE] = cookie
-        try:
-            barrier.wait()
-            response = post(http, consent_url, remember="yes")
-            with lock:
-                locations.append(response["Location"] if response.status_code == 302 else None)
-        finally:
-            connection.close()
+        response = post(http, consent_url, remember="yes")
+        return response["Location"] if response.status_code == 302 else None
 
-    threads = [threading.Thread(target=run) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    locations = run_in_threads(workers, run)
     approved = [location for location in locations if location is not None]
     assert len(locations) == workers and len(approved) == 1
     pending = PendingAuthorization.objects.get()

@@ -6,13 +6,11 @@ identity provider is mocked at the HTTP boundary only (``responses``).
 
 import hashlib
 import json
-import threading
 import time
 from datetime import timedelta
 
 import pytest
 import responses
-from django.db import connections
 from django.test import Client as HttpClient
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +29,7 @@ from tests.factories import (
     make_upstream_session,
     redeem_code,
     refresh,
+    run_in_threads,
     token_post,
 )
 
@@ -787,28 +786,6 @@ class TestBadInput:
 
 
 # -- concurrency on PostgreSQL (DESIGN §5.8, §4) ---------------------------------------------------
-
-
-def run_in_threads(count: int, work) -> list:
-    """Run *work(i)* in *count* threads released together; each thread has its own DB connection."""
-    barrier = threading.Barrier(count)
-    results: list = [None] * count
-
-    def target(i):
-        try:
-            barrier.wait(timeout=10)
-            results[i] = work(i)
-        except Exception as exc:  # surfaced by the assertions on results
-            results[i] = exc
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
 
 
 @pytest.mark.django_db(transaction=True)
