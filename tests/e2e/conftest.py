@@ -53,20 +53,9 @@ PROXY_ENV = {
 }
 
 
-@dataclass
-class Stack:
-    idp: harness.Upstream
-    mcp: harness.McpServerProc
-    proxy: proxy_helpers.Proxy
-    slug: str
-    auth_method: str
-    server_name: str = SERVER_NAME
-    upstream_client_id: str = UPSTREAM_CLIENT_ID
-    _clients: list[harness.McpOAuthClient] = field(default_factory=list)
-
-    @property
-    def base_url(self) -> str:
-        return self.proxy.base_url
+class _ProxyUrls:
+    """URLs of one MCP server at a proxy, and the MCP client apps a test opened against it (``base_url``,
+    ``slug`` and ``_clients`` come from the dataclass)."""
 
     @property
     def gateway_url(self) -> str:
@@ -85,6 +74,23 @@ class Stack:
     def close_clients(self) -> None:
         for client in self._clients:
             client.close()
+
+
+@dataclass
+class Stack(_ProxyUrls):
+    idp: harness.Upstream
+    mcp: harness.McpServerProc
+    proxy: proxy_helpers.Proxy
+    slug: str
+    auth_method: str
+    server_name: str = SERVER_NAME
+    upstream_client_id: str = UPSTREAM_CLIENT_ID
+    _clients: list[harness.McpOAuthClient] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return self.proxy.base_url
+
 
 
 def upstream_client(auth_method: str, callback_urls: list[str]) -> dict[str, Any]:
@@ -149,7 +155,7 @@ def make_stack() -> Iterator[Any]:
 
 
 @dataclass
-class Cluster:
+class Cluster(_ProxyUrls):
     """Several proxy processes of one deployment (one database, one public URL) behind a load balancer."""
 
     idp: harness.Upstream
@@ -166,18 +172,6 @@ class Cluster:
     def base_url(self) -> str:
         return self.deployment.public_base_url
 
-    @property
-    def gateway_url(self) -> str:
-        return f"{self.base_url}/mcp/{self.slug}"
-
-    @property
-    def issuer(self) -> str:
-        return f"{self.base_url}/oauth/{self.slug}"
-
-    def client(self, **kwargs: Any) -> harness.McpOAuthClient:
-        client = harness.McpOAuthClient(self.gateway_url, **kwargs)
-        self._clients.append(client)
-        return client
 
 
 @pytest.fixture
@@ -186,7 +180,7 @@ def make_cluster() -> Iterator[Any]:
     database behind `proxy.LoadBalancer`, whose URL is the deployment's PUBLIC_BASE_URL."""
     with contextlib.ExitStack() as cleanup:
         clusters: list[Cluster] = []
-        cleanup.callback(lambda: [c.close() for cluster in clusters for c in cluster._clients])
+        cleanup.callback(lambda: [cluster.close_clients() for cluster in clusters])
 
         def factory(
             *,

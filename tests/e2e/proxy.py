@@ -89,6 +89,14 @@ __all__ = [
 # sockets
 
 
+
+def _manage_run(args: list[str], *, env: Mapping[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """`manage.py ARGS` in the repository with *env*, output captured."""
+    return subprocess.run(
+        [sys.executable, str(MANAGE_PY), *args], cwd=REPO_DIR, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
 def listen_loopback(host: str = "127.0.0.1") -> socket.socket:
     """A listening TCP socket on a port the kernel picks; pass it to a server that takes it over."""
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the listener says TCP.
@@ -207,14 +215,7 @@ def _template_database() -> Database:
                 secret_key="e2e-migrate",
                 encryption_keys=_new_key(),
             )
-            result = subprocess.run(
-                [sys.executable, str(MANAGE_PY), "migrate", "--noinput"],
-                cwd=REPO_DIR,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            result = _manage_run(["migrate", "--noinput"], env=env, timeout=300)
             if result.returncode != 0:
                 template.drop()
                 raise harness.HarnessError(f"manage.py migrate failed:\n{result.stdout}\n{result.stderr}")
@@ -267,14 +268,7 @@ def collectstatic() -> None:
     )
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        result = subprocess.run(
-            [sys.executable, str(MANAGE_PY), "collectstatic", "--noinput"],
-            cwd=REPO_DIR,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = _manage_run(["collectstatic", "--noinput"], env=env, timeout=300)
     if result.returncode != 0:
         raise harness.HarnessError(f"manage.py collectstatic failed:\n{result.stdout}\n{result.stderr}")
     _static_done = True
@@ -349,14 +343,7 @@ class ProxyDeployment:
 
     def manage(self, *args: str, env: Mapping[str, str] | None = None, check: bool = True) -> str:
         """Run `manage.py ARGS` with this deployment's settings; returns stdout (raises on failure)."""
-        result = subprocess.run(
-            [sys.executable, str(MANAGE_PY), *args],
-            cwd=REPO_DIR,
-            env={**self.env(), **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = _manage_run(list(args), env={**self.env(), **(env or {})}, timeout=120)
         if check and result.returncode != 0:
             raise harness.HarnessError(
                 f"manage.py {' '.join(args)} exited with {result.returncode}:\n{result.stdout}\n{result.stderr}"
