@@ -9,8 +9,8 @@ class OAuthProxyConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_delete, post_save
 
-        from . import checks  # noqa: F401  (registers system checks)
-        from .caching import client_cache_forget, server_cache_clear
+        from oauthproxy.core import checks  # noqa: F401  (registers system checks)
+        from oauthproxy.core.caching import client_cache_forget, server_cache_clear
 
         server_model = self.get_model("McpServer")
         post_save.connect(server_cache_clear, sender=server_model, dispatch_uid="oauthproxy.server_cache.save")

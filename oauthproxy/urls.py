@@ -1,23 +1,71 @@
-"""The URL layout of DESIGN §2. Every OAuth URL carries the server slug; each area has its own module."""
+"""The URL layout of DESIGN §2, in one table. Every OAuth URL carries the server slug (``<str:slug>``).
 
-from django.urls import include, path
+``proxy_site.asgi`` serves ``/mcp/<slug>`` and the ``/oauth/<slug>/...`` endpoints without Django's ASGI
+handler; it finds them with this table too (``GATEWAY_URL_NAME``, ``resolve()``), so a path is typed once.
+"""
 
-from .views import health, metrics
+from django.http import JsonResponse
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from oauthproxy.authserver.views import authorize, callback, consent, token
+from oauthproxy.authserver.views.introspection import IntrospectApi
+from oauthproxy.authserver.views.metadata import AuthorizationServerMetadataApi, ProtectedResourceMetadataApi
+from oauthproxy.authserver.views.registration import ClientConfigurationApi, ClientRegisterApi
+from oauthproxy.console import api as management
+from oauthproxy.console.views import health, metrics
+from oauthproxy.gateway.asgi import gateway
+
+GATEWAY_URL_NAME = "gateway"
+
+router = DefaultRouter()
+router.register("servers", management.ServerViewSet, basename="api-server")
+router.register("discovery", management.DiscoveryViewSet, basename="api-discovery")
+router.register("clients", management.ClientViewSet, basename="api-client")
+router.register("sessions", management.SessionViewSet, basename="api-session")
+router.register("audit-events", management.AuditEventViewSet, basename="api-audit-event")
+router.register("tokens", management.TokenViewSet, basename="api-token")
+
+
+def api_not_found(request, *args, **kwargs):
+    """Anything else under /api/ is a JSON 404, like the API's own (never Django's HTML page)."""
+    return JsonResponse({"detail": "Not found."}, status=404)
+
+
+_as_metadata = AuthorizationServerMetadataApi.as_view()
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics, name="metrics"),
-    # /.well-known/... (RFC 8414, RFC 9728, OIDC discovery)
-    path("", include("oauthproxy.routes.discovery")),
-    # /oauth/<slug>/register[/<client_id>] (RFC 7591, RFC 7592)
-    path("", include("oauthproxy.routes.registration")),
-    # /oauth/<slug>/authorize, /consent, /callback
-    path("", include("oauthproxy.routes.authorization")),
-    # /oauth/<slug>/token, /revoke, /introspect
-    path("", include("oauthproxy.routes.tokens")),
-    # /mcp/<slug>
-    path("", include("oauthproxy.routes.gateway")),
-    # /api/v1/..., /api/schema/, /api/docs/
-    path("", include("oauthproxy.routes.api")),
+    # Discovery: RFC 8414 (plus the OpenID locations MCP clients also try) and RFC 9728.
+    path(".well-known/oauth-authorization-server/oauth/<str:slug>", _as_metadata, name="oauth-server-metadata"),
+    path(".well-known/openid-configuration/oauth/<str:slug>", _as_metadata, name="oauth-server-metadata-openid"),
+    path(
+        "oauth/<str:slug>/.well-known/openid-configuration", _as_metadata, name="oauth-server-metadata-openid-suffix"
+    ),
+    path(
+        ".well-known/oauth-protected-resource/mcp/<str:slug>",
+        ProtectedResourceMetadataApi.as_view(),
+        name="oauth-protected-resource-metadata",
+    ),
+    # Registration: RFC 7591 and RFC 7592.
+    path("oauth/<str:slug>/register", ClientRegisterApi.as_view(), name="oauth-register"),
+    path("oauth/<str:slug>/register/<str:client_id>", ClientConfigurationApi.as_view(), name="oauth-register-client"),
+    # The user's way through: authorize, consent, the upstream's callback.
+    path("oauth/<str:slug>/authorize", authorize.authorize, name="oauth-authorize"),
+    path("oauth/<str:slug>/consent", consent.consent, name="oauth-consent"),
+    path("oauth/<str:slug>/callback", callback.callback, name="oauth-callback"),
+    # Tokens: RFC 6749/7636 token, RFC 7009 revocation, RFC 7662 introspection.
+    path("oauth/<str:slug>/token", token.token, name="oauth-token"),
+    path("oauth/<str:slug>/revoke", token.revoke, name="oauth-revoke"),
+    path("oauth/<str:slug>/introspect", IntrospectApi.as_view(), name="oauth-introspect"),
+    # The gateway, trailing slash tolerated.
+    re_path(r"^mcp/(?P<slug>[a-z0-9-]{1,64})/?$", gateway, name=GATEWAY_URL_NAME),
+    # The management API, its OpenAPI document and docs.
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    re_path(r"^api/", api_not_found),
 ]

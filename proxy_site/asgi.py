@@ -1,9 +1,9 @@
 """The ASGI entry point (uvicorn ``proxy_site.asgi:application``).
 
 Gateway requests (``/mcp/<slug>``) go straight to ``gateway_asgi``: the same view as the Django route,
-without the middleware stack (see ``oauthproxy.views.gateway``). The OAuth endpoints programs call (token,
+without the middleware stack (see ``oauthproxy.gateway.asgi``). The OAuth endpoints programs call (token,
 revoke, register, introspect) go to ``direct_endpoint_asgi``: their Django views, without the middleware
-stack, on a fixed thread pool (see ``oauthproxy.views.direct``). Everything else is plain Django. The
+stack, on a fixed thread pool (see ``oauthproxy.authserver.asgi``). Everything else is plain Django. The
 lifespan protocol closes the gateway's pooled connections and the endpoint threads on shutdown.
 """
 
@@ -16,13 +16,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proxy_site.settings.production"
 django_application = get_asgi_application()
 
 # Imported once Django is set up (they use models and settings).
-from oauthproxy.services.gateway import gateway_upstream_pool_close  # noqa: E402
-from oauthproxy.views.direct import (  # noqa: E402
+from oauthproxy.authserver.asgi import (  # noqa: E402
     direct_endpoint_asgi,
     direct_endpoint_match,
     direct_endpoint_threads_shutdown,
 )
-from oauthproxy.views.gateway import gateway_asgi, gateway_path_slug  # noqa: E402
+from oauthproxy.gateway.asgi import gateway_asgi, gateway_path_slug  # noqa: E402
+from oauthproxy.gateway.forwarding import gateway_upstream_pool_close  # noqa: E402
 
 
 async def application(scope, receive, send):

@@ -1,7 +1,7 @@
 import pytest
 import responses
 
-from oauthproxy.caching import client_cache_clear, server_cache_clear
+from oauthproxy.core.caching import client_cache_clear, server_cache_clear
 from oauthproxy.models import McpServer
 
 UPSTREAM = "https://idp.example.com"

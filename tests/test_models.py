@@ -2,8 +2,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from oauthproxy.models import McpServer
-
-from .conftest import make_server
+from tests.conftest import make_server
 
 
 def errors_of(**overrides) -> dict:

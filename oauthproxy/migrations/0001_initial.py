@@ -10,7 +10,7 @@ import oauth2_provider.models
 from django.conf import settings
 from django.db import migrations, models
 
-import oauthproxy.fields
+import oauthproxy.core.fields
 import oauthproxy.models.introspection
 import oauthproxy.models.servers
 
@@ -131,7 +131,7 @@ class Migration(migrations.Migration):
                 ('authorization_endpoint', models.URLField(help_text='Where the upstream identity provider asks the user to log in, e.g. https://login.example.com/oauth2/v1/authorize.', max_length=500)),
                 ('token_endpoint', models.URLField(help_text="Where the proxy exchanges the upstream's authorization code for tokens, e.g. https://login.example.com/oauth2/v1/token.", max_length=500)),
                 ('client_id', models.CharField(help_text='The client ID the upstream issued for this proxy (one, shared by all MCP clients).', max_length=500, verbose_name='upstream client ID')),
-                ('client_secret', oauthproxy.fields.EncryptedTextField(blank=True, default='', help_text="The client secret the upstream issued. Stored encrypted; it is never shown again. Not needed when the upstream auth method is 'none'.", verbose_name='upstream client secret')),
+                ('client_secret', oauthproxy.core.fields.EncryptedTextField(blank=True, default='', help_text="The client secret the upstream issued. Stored encrypted; it is never shown again. Not needed when the upstream auth method is 'none'.", verbose_name='upstream client secret')),
                 ('scopes', models.JSONField(blank=True, default=list, help_text='Upstream scopes to request, e.g. ["openid", "email", "offline_access"]. These are shown to the user on the consent page.')),
                 ('token_endpoint_auth_methods_supported', models.JSONField(blank=True, default=oauthproxy.models.servers._default_auth_methods, help_text='How the upstream wants the client secret sent, in order of preference: client_secret_basic (HTTP Basic header), client_secret_post (form body), or none. The proxy uses the first one it supports.')),
                 ('revocation_endpoint', models.URLField(blank=True, help_text='Optional. Lets the proxy revoke upstream tokens too.', max_length=500)),
@@ -182,7 +182,7 @@ class Migration(migrations.Migration):
                 ('code_challenge_method', models.CharField(default='S256', max_length=10)),
                 ('scope', models.TextField(blank=True)),
                 ('resource', models.TextField(blank=True)),
-                ('upstream_code_verifier', oauthproxy.fields.EncryptedTextField(blank=True, default='')),
+                ('upstream_code_verifier', oauthproxy.core.fields.EncryptedTextField(blank=True, default='')),
                 ('created', models.DateTimeField(auto_now_add=True)),
                 ('expires_at', models.DateTimeField(db_index=True)),
                 ('consumed_at', models.DateTimeField(blank=True, null=True)),
@@ -197,8 +197,8 @@ class Migration(migrations.Migration):
                 ('subject', models.CharField(db_index=True, help_text='Who logged in, as the upstream identifies them.', max_length=255)),
                 ('subject_source', models.CharField(default='opaque', max_length=16)),
                 ('scope', models.TextField(blank=True, help_text='Scopes the upstream granted.')),
-                ('access_token', oauthproxy.fields.EncryptedTextField(blank=True, default='')),
-                ('refresh_token', oauthproxy.fields.EncryptedTextField(blank=True, default='')),
+                ('access_token', oauthproxy.core.fields.EncryptedTextField(blank=True, default='')),
+                ('refresh_token', oauthproxy.core.fields.EncryptedTextField(blank=True, default='')),
                 ('token_type', models.CharField(default='Bearer', max_length=40)),
                 ('expires_at', models.DateTimeField(blank=True, help_text='When the upstream access token expires (empty: no expiry given).', null=True)),
                 ('refresh_count', models.PositiveIntegerField(default=0)),

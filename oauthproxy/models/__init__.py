@@ -1,10 +1,10 @@
-from .audit import AuditEvent
-from .clients import Client
-from .consent import Consent, PendingAuthorization
-from .introspection import IntrospectionCredential
-from .servers import McpServer
-from .tokens import AccessToken, Grant, IDToken, RefreshToken
-from .upstream import UpstreamSession
+from oauthproxy.models.audit import AuditEvent
+from oauthproxy.models.clients import Client
+from oauthproxy.models.consent import Consent, PendingAuthorization
+from oauthproxy.models.introspection import IntrospectionCredential
+from oauthproxy.models.servers import McpServer
+from oauthproxy.models.tokens import AccessToken, Grant, IDToken, RefreshToken
+from oauthproxy.models.upstream import UpstreamSession
 
 __all__ = [
     "AccessToken",

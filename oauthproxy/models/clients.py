@@ -6,7 +6,7 @@ from django.db import models
 from oauth2_provider.generators import generate_client_id
 from oauth2_provider.models import AbstractApplication
 
-from .servers import McpServer
+from oauthproxy.models.servers import McpServer
 
 
 class Client(AbstractApplication):
@@ -57,7 +57,7 @@ class Client(AbstractApplication):
     def get_allowed_schemes(self) -> list[str]:
         """DOT's swap point for redirect schemes (used by ``clean()`` and its redirect responses): http(s)
         plus the private-use schemes (RFC 8252 §7.1) this client registered and the proxy's rules allow."""
-        from ..services.redirect_uris import redirect_uri_scheme_is_private_use
+        from oauthproxy.authserver.redirect_uris import redirect_uri_scheme_is_private_use
 
         schemes = list(super().get_allowed_schemes())
         for uri in self.redirect_uris.split():

@@ -6,9 +6,9 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from ..fields import EncryptedTextField
-from .clients import Client
-from .servers import McpServer
+from oauthproxy.core.fields import EncryptedTextField
+from oauthproxy.models.clients import Client
+from oauthproxy.models.servers import McpServer
 
 
 class Consent(models.Model):

@@ -5,7 +5,7 @@ import secrets
 from django.contrib.auth.hashers import check_password, make_password
 from django.db import models
 
-from .servers import McpServer
+from oauthproxy.models.servers import McpServer
 
 
 def _generate_credential_id() -> str:

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
-from ..fields import EncryptedTextField
+from oauthproxy.core.fields import EncryptedTextField
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db import models
 from oauth2_provider.models import AbstractAccessToken, AbstractGrant, AbstractIDToken, AbstractRefreshToken
 
-from .upstream import UpstreamSession
+from oauthproxy.models.upstream import UpstreamSession
 
 # The resource owner is an upstream identity (UpstreamSession.subject), not a Django user.
 _optional_user = dict(to=settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)

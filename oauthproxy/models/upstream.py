@@ -4,9 +4,9 @@ import uuid
 
 from django.db import models
 
-from ..fields import EncryptedTextField
-from .clients import Client
-from .servers import McpServer
+from oauthproxy.core.fields import EncryptedTextField
+from oauthproxy.models.clients import Client
+from oauthproxy.models.servers import McpServer
 
 
 class UpstreamSession(models.Model):

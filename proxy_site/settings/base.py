@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",  # Swagger UI served from our static files, no CDN
     "oauth2_provider",
     "oauthproxy",
+    "oauthproxy.console",
 ]
 
 MIDDLEWARE = [
@@ -50,7 +51,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "oauthproxy.middleware.DatabaseUnavailableMiddleware",
+    "oauthproxy.core.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "proxy_site.urls"
@@ -103,7 +104,7 @@ SESSION_ENGINE = "django.contrib.sessions.backends.db"
 
 PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2PasswordHasher",  # user passwords
-    "oauthproxy.hashers.GeneratedSecretHasher",  # generated client secrets only (see oauthproxy/hashers.py)
+    "oauthproxy.core.hashers.GeneratedSecretHasher",  # generated client secrets only (see oauthproxy/hashers.py)
 ]
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -141,7 +142,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
-    "EXCEPTION_HANDLER": "oauthproxy.exceptions.exception_handler",
+    "EXCEPTION_HANDLER": "oauthproxy.core.exceptions.exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 
@@ -156,7 +157,7 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     # The document describes the management API only, not the OAuth endpoints MCP clients use.
-    "PREPROCESSING_HOOKS": ["oauthproxy.apis.management.schema_management_endpoints_only"],
+    "PREPROCESSING_HOOKS": ["oauthproxy.console.api.schema_management_endpoints_only"],
     "COMPONENT_SPLIT_REQUEST": True,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -166,7 +167,7 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "oauthproxy.logging.RedactSecretsFilter"}},
+    "filters": {"redact": {"()": "oauthproxy.core.logging.RedactSecretsFilter"}},
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]},

@@ -28,8 +28,8 @@ OAUTH2_PROVIDER = {
     "AUTHORIZATION_CODE_EXPIRE_SECONDS": 60,
     "ALLOWED_REDIRECT_URI_SCHEMES": ["https", "http"],
     "ALLOW_LOCALHOST_LOOPBACK": True,
-    "OAUTH2_VALIDATOR_CLASS": "oauthproxy.oauth.validator.ProxyOAuth2Validator",
-    "SCOPES_BACKEND_CLASS": "oauthproxy.oauth.scopes.ServerScopes",
+    "OAUTH2_VALIDATOR_CLASS": "oauthproxy.authserver.dot.validator.ProxyOAuth2Validator",
+    "SCOPES_BACKEND_CLASS": "oauthproxy.authserver.dot.scopes.ServerScopes",
     "DEFAULT_SCOPES": [],
     "SCOPES": {},
 }

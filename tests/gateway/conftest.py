@@ -19,8 +19,8 @@ from mcp import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from oauth2_provider.models import set_token_value
 
+from oauthproxy.gateway.forwarding import gateway_caches_clear
 from oauthproxy.models import AccessToken, Client, McpServer, UpstreamSession
-from oauthproxy.services.gateway import gateway_caches_clear
 from tests.conftest import make_server
 from tests.gateway.internal_server import InternalMcpServer, ServerThread
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from django.test import AsyncClient
 
-from oauthproxy.services.gateway import gateway_upstream_pool_close
+from oauthproxy.gateway.forwarding import gateway_upstream_pool_close
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, PROTOCOL_VERSION, make_grant, mcp_client, messages, rpc
 from tests.gateway.internal_server import CannedHttpServer, ServerThread, wait_for

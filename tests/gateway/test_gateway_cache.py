@@ -12,8 +12,8 @@ import pytest
 from django.db import connections
 from django.test import AsyncClient
 
-from oauthproxy.gateway_auth import TTLCache
-from oauthproxy.services.gateway import gateway_upstream_pool_close
+from oauthproxy.gateway.auth import TTLCache
+from oauthproxy.gateway.forwarding import gateway_upstream_pool_close
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, make_grant, rpc
 
@@ -134,7 +134,7 @@ def test_django_route_serves_the_gateway_too(transactional_db, proxy, internal_j
 
 def test_ttl_cache_expires_entries(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("oauthproxy.gateway_auth.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("oauthproxy.gateway.auth.time.monotonic", lambda: now[0])
     cache = TTLCache(maxsize=10)
     cache.set("a", 1, ttl=5)
     assert cache.get("a") == 1

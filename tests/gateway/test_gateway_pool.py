@@ -14,7 +14,7 @@ import httpx
 import pytest
 from yarl import URL
 
-from oauthproxy.services.gateway_http import PoolTimeout, UpstreamPool
+from oauthproxy.core.http import PoolTimeout, UpstreamPool
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, make_grant, rpc
 from tests.gateway.internal_server import InternalMcpServer

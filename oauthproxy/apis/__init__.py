@@ -1,1 +1,0 @@
-"""DRF views: registration, metadata, management API."""

@@ -1,0 +1,378 @@
+"""Client ID Metadata Documents (draft-ietf-oauth-client-id-metadata-document), per MCP server.
+
+A client whose ``client_id`` is an https URL with a path is resolved by fetching that URL. The document
+must name itself (its ``client_id`` equals the URL byte for byte), be a public client
+(``token_endpoint_auth_method`` ``none`` or absent, no secret) and pass the same metadata and redirect URI
+rules as Dynamic Client Registration. It then becomes a ``Client`` row of that server
+(``registration_source = cimd``), refreshed when the HTTP cache lifetime (``Cache-Control: max-age``,
+clamped by DOT's ``CIMD_METADATA_MIN/MAX_AGE_SECONDS``) has passed. A failed refresh keeps the last good
+document; a failure is remembered for ``CIMD_FAILURE_BACKOFF_SECONDS`` so a bad URL is not refetched on
+every request, and at most ``CIMD_MAX_CONCURRENT_FETCHES`` fetches run at once per process.
+
+The fetch (DESIGN §5.10) is bounded in time (``CIMD_FETCH_TIMEOUT_SECONDS`` for the whole body) and size
+(``CIMD_MAX_DOCUMENT_SIZE``), follows no redirects, ignores proxy environment variables, and connects only
+to public addresses: the host is resolved when the connection is opened, *every* address is checked with
+DOT's ``_ip_is_public`` (private, loopback, link-local/cloud metadata, NAT64/6to4/Teredo-embedded...), and
+the socket is connected to the address that was checked, while TLS still verifies the real host name. As
+the check and the connect use one resolution, DNS rebinding between them is not possible. Only with
+``OAUTHPROXY["CIMD_ALLOW_PRIVATE_ADDRESSES"]`` (tests, local development) are http URLs and private
+addresses allowed.
+
+Client rows are read through a per-process cache (``caching.clients``: by server and ``client_id``, for
+``OAUTHPROXY["CLIENT_CACHE_SECONDS"]``, 5 s by default), as every authorize and token request looks its
+client up. What that means:
+
+- A save or delete of a client in this process drops its entry at once (and again on commit), so a client
+  disabled, changed or deleted here is refused or seen changed by the next request of this process.
+  *Other* processes keep their copy until it expires: a client disabled or deleted elsewhere can still
+  start an authorization or redeem a code there for up to the TTL (as with the server cache and the
+  gateway's token cache). Callers still check ``is_usable()`` on every request; only the row may be that
+  old.
+- The cache never extends a metadata document's life: ``cimd_expires_at`` is checked on every lookup,
+  cached or not, and once it has passed the row is read again from the database (not the cache) before
+  the document is fetched and the row rewritten, so a refresh never writes back a stale copy (e.g.
+  re-enabling a client that another process disabled).
+- Callers get their own copy, whose ``server`` is the caller's server, so nothing a request sets on it
+  leaks into another request.
+"""
+
+import json
+import logging
+import time
+from datetime import timedelta
+from functools import cache as memoize
+from urllib.parse import urlsplit
+
+import requests
+from django.conf import settings
+from django.core.cache import cache
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+from oauth2_provider.cimd import (
+    CIMDError,
+    _backoff_cache_key,
+    _effective_max_age,
+    _fetch_slot,
+    _resolve_and_validate,
+    _validate_client_id_url,
+)
+from oauth2_provider.settings import oauth2_settings
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError
+from urllib3.util.connection import create_connection
+
+from oauthproxy.authserver.registration import (
+    ClientMetadata,
+    client_metadata_apply,
+    client_metadata_validate,
+    client_registration_capacity_check,
+)
+from oauthproxy.core.audit import audit_record
+from oauthproxy.core.caching import client_cache_key, clients
+from oauthproxy.core.exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri
+from oauthproxy.db.sql import rows_read, select_list
+from oauthproxy.models import AuditEvent, Client, McpServer
+
+logger = logging.getLogger(__name__)
+
+MAX_CLIENT_ID_LENGTH = 255
+USER_AGENT = "mcp-oauth-proxy (client metadata fetcher)"
+READ_CHUNK_BYTES = 4096
+
+
+class ClientMetadataDocumentError(InvalidClient):
+    """The client's metadata document could not be fetched or is not acceptable (``invalid_client``, 401).
+
+    The description says why, for the client's developer; it never contains secrets."""
+
+
+def client_id_is_metadata_url(client_id: str) -> bool:
+    """True when *client_id* names a metadata document: an https URL with a path (http too when private
+    addresses are allowed, i.e. in tests)."""
+    if not isinstance(client_id, str):
+        return False
+    lowered = client_id[:8].lower()
+    if not (lowered.startswith("https://") or (_allow_private() and lowered.startswith("http://"))):
+        return False
+    try:
+        return bool(urlsplit(client_id).path)
+    except ValueError:
+        return False
+
+
+def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
+    """The client of *server* called *client_id*, or None when there is none.
+
+    Metadata-document URLs are fetched on first sight and when their cache lifetime has passed; a bad or
+    unreachable document raises ClientMetadataDocumentError (``invalid_client``), or RegistrationLimitReached
+    when the server holds its maximum of clients. Disabled clients are returned too: check ``is_usable()``.
+    """
+    if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLIENT_ID_LENGTH:
+        return None
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in client_id) or not _is_utf8(client_id):
+        return None
+    client = _with_server(
+        clients.get(
+            client_cache_key(server_id=server.pk, client_id=client_id),
+            lambda: _client_row(server=server, client_id=client_id),
+        ),
+        server,
+    )
+    if _document_is_current(client, client_id):
+        return client
+    # The document is due (or was never seen): decide on the stored row, never on a cached copy.
+    client = _with_server(_client_row(server=server, client_id=client_id), server)
+    if _document_is_current(client, client_id):
+        return client
+    try:
+        metadata, max_age = _document_load(server=server, url=client_id)
+    except ClientMetadataDocumentError as exc:
+        if client is None:
+            raise
+        logger.warning("keeping the last good metadata document of %s at %s: %s", client_id, server.slug,
+                       exc.description)
+        return client
+    return _client_upsert(server=server, url=client_id, metadata=metadata, max_age=max_age, client=client)
+
+
+def _client_row(*, server: McpServer, client_id: str) -> Client | None:
+    """The stored row, by a statement built once per process (``(server, client_id)`` is unique)."""
+    return next(iter(rows_read(Client, _client_row_sql(), [server.pk, client_id])), None)
+
+
+@memoize
+def _client_row_sql() -> str:
+    quote, client = connection.ops.quote_name, Client._meta
+    server_id, client_id = (quote(client.get_field(name).column) for name in ("server", "client_id"))
+    return (
+        f"SELECT {select_list(Client, 'c')} FROM {quote(client.db_table)} c"  # noqa: S608 (identifiers from metadata)
+        f" WHERE c.{server_id} = %s AND c.{client_id} = %s LIMIT 1"
+    )
+
+
+def _with_server(client: Client | None, server: McpServer) -> Client | None:
+    """The caller's server on the client, never a cached one (and ``is_usable()`` needs no query)."""
+    if client is not None:
+        client.server = server
+    return client
+
+
+def _document_is_current(client: Client | None, client_id: str) -> bool:
+    """Nothing to fetch: not a metadata-document client, or one whose document has not expired yet."""
+    if not client_id_is_metadata_url(client_id):
+        return True
+    if client is not None and client.registration_source != Client.RegistrationSource.CIMD:
+        return True  # provisioned by an operator under this id; never taken over by a document
+    return client is not None and client.cimd_expires_at is not None and client.cimd_expires_at > timezone.now()
+
+
+def _document_load(*, server: McpServer, url: str) -> tuple[ClientMetadata, int]:
+    """Fetch and validate the document at *url*; remember failures for the backoff period."""
+    backoff_key = _backoff_cache_key(url)
+    if reason := cache.get(backoff_key):
+        raise ClientMetadataDocumentError(reason)
+    with _fetch_slot() as acquired:
+        if not acquired:
+            raise ClientMetadataDocumentError("Too many client metadata documents are being fetched; retry shortly.")
+        try:
+            document, max_age = _document_fetch(url)
+            return _document_validate(server=server, url=url, document=document), max_age
+        except (InvalidClientMetadata, InvalidRedirectUri) as exc:
+            error = ClientMetadataDocumentError(f"The client metadata document is invalid: {exc.description}")
+        except ClientMetadataDocumentError as exc:
+            error = exc
+    logger.info("client metadata document %s refused: %s", url, error.description)
+    cache.set(backoff_key, error.description, oauth2_settings.CIMD_FAILURE_BACKOFF_SECONDS)
+    raise error
+
+
+def _document_validate(*, server: McpServer, url: str, document: dict) -> ClientMetadata:
+    if document.get("client_id") != url:
+        raise ClientMetadataDocumentError(
+            "The client metadata document's client_id must equal the URL it is served from."
+        )
+    if document.get("token_endpoint_auth_method") not in (None, "none"):
+        raise ClientMetadataDocumentError(
+            'Clients identified by a metadata document are public: use token_endpoint_auth_method "none".'
+        )
+    if "client_secret" in document or "client_secret_expires_at" in document:
+        raise ClientMetadataDocumentError("A client metadata document must not contain a client_secret.")
+    return client_metadata_validate(server=server, data=document, default_auth_method="none")
+
+
+def _client_upsert(
+    *, server: McpServer, url: str, metadata: ClientMetadata, max_age: int, client: Client | None
+) -> Client:
+    created = client is None
+    if created:
+        client_registration_capacity_check(server=server)
+        client = Client(server=server, client_id=url, registration_source=Client.RegistrationSource.CIMD)
+    before = (client.redirect_uris, client.name, client.metadata)
+    try:
+        client_metadata_apply(client=client, metadata=metadata)
+    except (InvalidClientMetadata, InvalidRedirectUri) as exc:
+        raise ClientMetadataDocumentError(f"The client metadata document is invalid: {exc.description}")
+    client.user = None
+    client.cimd_expires_at = timezone.now() + timedelta(seconds=max_age)
+    try:
+        with transaction.atomic():
+            client.save()
+    except IntegrityError:
+        # Another request saw this URL at this server first; use its row.
+        winner = _with_server(_client_row(server=server, client_id=url), server)
+        if winner is None or winner.registration_source != Client.RegistrationSource.CIMD:
+            raise ClientMetadataDocumentError("The client could not be recorded; retry.")
+        return winner
+    changed = (client.redirect_uris, client.name, client.metadata) != before
+    if created or changed:
+        audit_record(
+            kind=AuditEvent.Kind.CLIENT_REGISTERED if created else AuditEvent.Kind.CLIENT_UPDATED,
+            server=server,
+            client=client,
+            message=f"{'registered' if created else 'updated'} {client.name or url} from its metadata document",
+            detail={"source": "cimd", "client_id": url, "redirect_uris": metadata.redirect_uris},
+        )
+    return client
+
+
+def _document_fetch(url: str) -> tuple[dict, int]:
+    """GET the document: ``(json_object, cache_seconds)``, or ClientMetadataDocumentError."""
+    try:
+        _url_check(url)
+    except CIMDError as exc:
+        raise ClientMetadataDocumentError(f"The client_id URL is not acceptable: {exc}.")
+    timeout = oauth2_settings.CIMD_FETCH_TIMEOUT_SECONDS
+    max_size = oauth2_settings.CIMD_MAX_DOCUMENT_SIZE
+    deadline = time.monotonic() + timeout
+    try:
+        with _session.get(
+            url,
+            headers={"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
+            timeout=(timeout, timeout),
+            allow_redirects=False,
+            stream=True,
+        ) as response:
+            if 300 <= response.status_code < 400:
+                raise ClientMetadataDocumentError(
+                    f"Fetching the client metadata document returned a redirect (HTTP {response.status_code}); "
+                    "redirects are not followed."
+                )
+            if response.status_code != 200:
+                raise ClientMetadataDocumentError(
+                    f"Fetching the client metadata document returned HTTP {response.status_code}."
+                )
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if media_type != "application/json" and not (
+                media_type.startswith("application/") and media_type.endswith("+json")
+            ):
+                raise ClientMetadataDocumentError("The client metadata document is not served as application/json.")
+            body = bytearray()
+            for chunk in response.raw.stream(READ_CHUNK_BYTES, decode_content=False):
+                body += chunk
+                if len(body) > max_size:
+                    raise ClientMetadataDocumentError(
+                        f"The client metadata document is larger than {max_size} bytes."
+                    )
+                if time.monotonic() > deadline:
+                    raise ClientMetadataDocumentError("Fetching the client metadata document took too long.")
+            cache_control = response.headers.get("Cache-Control")
+    except CIMDError as exc:  # raised while connecting: the host resolves to a non-public address
+        raise ClientMetadataDocumentError(f"The client metadata document cannot be fetched: {exc}.")
+    except requests.Timeout:
+        raise ClientMetadataDocumentError("Fetching the client metadata document timed out.")
+    except requests.RequestException as exc:
+        raise ClientMetadataDocumentError(
+            f"The client metadata document could not be fetched ({type(exc).__name__})."
+        )
+    try:
+        document = json.loads(bytes(body).decode("utf-8"))
+    except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
+        raise ClientMetadataDocumentError("The client metadata document is not valid JSON.")
+    if not isinstance(document, dict):
+        raise ClientMetadataDocumentError("The client metadata document must be a JSON object.")
+    return document, _effective_max_age(cache_control)
+
+
+def _url_check(url: str) -> None:
+    """DOT's client_id URL rules (https, host, path, no userinfo/fragment/dot segments); http allowed only
+    together with private addresses."""
+    if _allow_private() and url[:7].lower() == "http://":
+        url = "https://" + url[7:]
+    _validate_client_id_url(url)
+
+
+def _allow_private() -> bool:
+    return bool(settings.OAUTHPROXY["CIMD_ALLOW_PRIVATE_ADDRESSES"])
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# The outbound HTTP seam: one Session, whose connections resolve, check and connect in one step.
+
+
+class _PublicAddressConnectionMixin:
+    """Connect only to public addresses: resolve the host, refuse it if *any* address is not public
+    (DOT's ``_resolve_and_validate``), then connect the socket to a checked address. ``host`` is unchanged,
+    so SNI, certificate verification and the Host header use the real name."""
+
+    def _new_conn(self):
+        if _allow_private():
+            return super()._new_conn()
+        addresses = _resolve_and_validate(self._dns_host.strip("[]"), self.port)  # raises CIMDError
+        error: OSError | None = None
+        for address in addresses[:2]:
+            try:
+                return create_connection(
+                    (address, self.port),
+                    self.timeout,
+                    source_address=self.source_address,
+                    socket_options=self.socket_options,
+                )
+            except OSError as exc:
+                error = exc
+        raise NewConnectionError(self, f"connection failed: {error}")
+
+
+class _PublicHTTPConnection(_PublicAddressConnectionMixin, HTTPConnection):
+    pass
+
+
+class _PublicHTTPSConnection(_PublicAddressConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _PublicHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _PublicHTTPConnection
+
+
+class _PublicHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _PublicHTTPSConnection
+
+
+class _PublicAddressAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _PublicHTTPConnectionPool,
+            "https": _PublicHTTPSConnectionPool,
+        }
+
+
+def _session_build() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no HTTP(S)_PROXY or .netrc: the address check must see the real target
+    adapter = _PublicAddressAdapter(max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+_session = _session_build()

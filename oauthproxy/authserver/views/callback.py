@@ -1,0 +1,52 @@
+"""GET /oauth/<slug>/callback: the upstream sends the user back here (DESIGN §4, §5.7).
+
+It also ends an admin's "Try it" test (``services.try_it``), whose browser binding lives in its own cookie
+(set by the admin page that starts the test, sent only to this URL) so that a test never replaces the
+browser key of the admin's own MCP logins.
+"""
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from oauthproxy.authserver.authorization import authorization_complete
+from oauthproxy.authserver.views.authorize import ClientRedirect, browser_key_from_request, error_page, not_found_page
+from oauthproxy.core.exceptions import OAuthError
+from oauthproxy.core.servers import server_get_enabled
+from oauthproxy.models import McpServer
+
+TRY_IT_COOKIE = "oauthproxy_try_it"
+
+
+def try_it_cookie_set(response: HttpResponse, request: HttpRequest, *, server: McpServer, key: str) -> None:
+    """The browser key of an admin's test: HttpOnly, Lax (the upstream's redirect back carries it), sent
+    only to this server's callback, and gone when the upstream state expires."""
+    response.set_cookie(
+        TRY_IT_COOKIE,
+        key,
+        max_age=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"],
+        path=f"/oauth/{server.slug}/callback",
+        secure=request.is_secure() or settings.PUBLIC_BASE_URL.startswith("https://"),
+        httponly=True,
+        samesite="Lax",
+    )
+
+
+@never_cache
+@require_GET
+def callback(request: HttpRequest, slug: str) -> HttpResponse:
+    server = server_get_enabled(slug=slug)
+    if server is None:
+        return not_found_page(request)
+    try:
+        url = authorization_complete(
+            server=server,
+            params=dict(request.GET.lists()),
+            browser_key=browser_key_from_request(request),
+            try_it_key=request.COOKIES.get(TRY_IT_COOKIE),
+            user=getattr(request, "user", None),
+        )
+    except OAuthError as exc:
+        return error_page(request, error=exc, server=server)
+    return ClientRedirect(url)

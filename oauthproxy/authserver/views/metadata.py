@@ -1,0 +1,131 @@
+"""Discovery documents, one set per MCP server (DESIGN §2).
+
+- RFC 8414 authorization server metadata, also served at the two OpenID discovery locations MCP clients
+  try; the issuer is ``server.issuer_url`` byte for byte everywhere.
+- RFC 9728 protected resource metadata for the server's MCP endpoint.
+
+Both are public and cacheable, and carry ``Access-Control-Allow-Origin: *`` because browser-based MCP
+clients (the MCP Inspector, web IDEs) fetch them cross-origin.
+"""
+
+from django.http import HttpResponse, JsonResponse
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.permissions import AllowAny
+from rest_framework.renderers import JSONRenderer
+from rest_framework.views import APIView
+
+from oauthproxy.core.exceptions import OAuthError
+from oauthproxy.core.servers import server_get_enabled
+from oauthproxy.models import McpServer
+from oauthproxy.models.servers import SLUG_RE
+
+METADATA_CACHE_CONTROL = "public, max-age=300"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, MCP-Protocol-Version"
+CLIENT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
+RESOURCE_SERVER_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+
+
+class ServerNotFound(OAuthError):
+    """Unknown or disabled MCP server: 404 ``{"error": "not_found"}``."""
+
+    error = "not_found"
+    status = 404
+
+
+class _JsonWhateverTheAcceptHeader(BaseContentNegotiation):
+    """OAuth endpoints answer JSON; a browser's ``Accept: text/html`` must not get a 406 or an HTML page."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class OpenProtocolApi(APIView):
+    """Base of the open OAuth protocol endpoints (metadata, registration).
+
+    No session or token authentication (and so no CSRF: these are called by programs, without cookies),
+    JSON only, CORS for browser-based clients (never with credentials), and no place in the management
+    API's OpenAPI schema.
+    """
+
+    authentication_classes = ()
+    permission_classes = (AllowAny,)
+    renderer_classes = (JSONRenderer,)
+    content_negotiation_class = _JsonWhateverTheAcceptHeader
+    schema = None
+    cors_allow_methods = "GET, OPTIONS"
+
+    def options(self, request, *args, **kwargs):
+        return HttpResponse(status=204)
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        response["Access-Control-Allow-Origin"] = "*"
+        if request.method == "OPTIONS":
+            response["Access-Control-Allow-Methods"] = self.cors_allow_methods
+            response["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+            response["Access-Control-Max-Age"] = "86400"
+        return response
+
+    @staticmethod
+    def server_get(slug: str) -> McpServer:
+        server = server_get_enabled(slug=slug) if SLUG_RE.fullmatch(slug) else None
+        if server is None:
+            raise ServerNotFound()
+        return server
+
+
+class AuthorizationServerMetadataApi(OpenProtocolApi):
+    """RFC 8414 at ``/.well-known/oauth-authorization-server/oauth/<slug>`` and the OpenID locations."""
+
+    def get(self, request, slug: str):
+        return _metadata_response(authorization_server_metadata(server=self.server_get(slug)))
+
+
+class ProtectedResourceMetadataApi(OpenProtocolApi):
+    """RFC 9728 at ``/.well-known/oauth-protected-resource/mcp/<slug>``."""
+
+    def get(self, request, slug: str):
+        return _metadata_response(protected_resource_metadata(server=self.server_get(slug)))
+
+
+def authorization_server_metadata(*, server: McpServer) -> dict:
+    issuer = server.issuer_url
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/authorize",
+        "token_endpoint": f"{issuer}/token",
+        "registration_endpoint": f"{issuer}/register",
+        "revocation_endpoint": f"{issuer}/revoke",
+        "introspection_endpoint": f"{issuer}/introspect",
+        "scopes_supported": list(server.scopes or []),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+        "revocation_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+        "introspection_endpoint_auth_methods_supported": RESOURCE_SERVER_AUTH_METHODS,
+        "client_id_metadata_document_supported": True,
+        "authorization_response_iss_parameter_supported": True,
+        # RFC 9728 §4: the resources this authorization server issues tokens for.
+        "protected_resources": [server.resource_url],
+    }
+
+
+def protected_resource_metadata(*, server: McpServer) -> dict:
+    return {
+        "resource": server.resource_url,
+        "authorization_servers": [server.issuer_url],
+        "scopes_supported": list(server.scopes or []),
+        "bearer_methods_supported": ["header"],
+        "resource_name": server.name,
+    }
+
+
+def _metadata_response(document: dict) -> JsonResponse:
+    response = JsonResponse(document)
+    response["Cache-Control"] = METADATA_CACHE_CONTROL
+    return response

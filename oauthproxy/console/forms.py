@@ -1,0 +1,124 @@
+"""Admin forms. Secrets are write-only: never rendered back, blank keeps the stored value."""
+
+import json
+
+from django import forms
+from django.db import models
+
+from oauthproxy.console.documents import DOCUMENT_FIELDS
+from oauthproxy.models import McpServer
+
+QUOTA_FIELDS = ("client_upstream_rate_limit", "client_upstream_daily_quota")
+
+
+class JsonListField(forms.JSONField):
+    """A JSON field that also accepts a plain space- or comma-separated list, which admins expect."""
+
+    def to_python(self, value):
+        if isinstance(value, str) and value.strip() and not value.strip().startswith(("[", "{", '"')):
+            return [item for item in value.replace(",", " ").split() if item]
+        return super().to_python(value)
+
+    def prepare_value(self, value):
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return " ".join(value)
+        return super().prepare_value(value)
+
+
+def _storable(value) -> bool:
+    """PostgreSQL's jsonb refuses NUL characters and lone surrogates anywhere in a document."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
+    return True
+
+
+def _check_storable(value):
+    if not _storable(value):
+        raise forms.ValidationError("Remove the NUL or unpaired surrogate characters.")
+    return value
+
+
+def _https_by_default(db_field, **kwargs):
+    if isinstance(db_field, models.URLField):
+        kwargs.setdefault("assume_scheme", "https")
+    return db_field.formfield(**kwargs)
+
+
+class McpServerForm(forms.ModelForm):
+    client_secret = forms.CharField(
+        label="Upstream client secret",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Stored encrypted and never shown again. Leave blank to keep the current secret.",
+    )
+    scopes = JsonListField(
+        required=False,
+        help_text="Upstream scopes, separated by spaces, e.g. openid email offline_access.",
+        widget=forms.TextInput(attrs={"size": 60}),
+    )
+    token_endpoint_auth_methods_supported = JsonListField(
+        required=False,
+        label="Upstream token endpoint auth methods",
+        help_text="In order of preference, separated by spaces: client_secret_basic, client_secret_post "
+        "or none. Empty: client_secret_basic.",
+        widget=forms.TextInput(attrs={"size": 60}),
+    )
+
+    class Meta:
+        model = McpServer
+        fields = (*DOCUMENT_FIELDS, *QUOTA_FIELDS)
+        formfield_callback = _https_by_default
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial.pop("client_secret", None)
+        if self.instance.pk and self.instance.client_secret:
+            self.fields["client_secret"].help_text = (
+                "A secret is stored (encrypted, never shown). Leave blank to keep it, or type a new one."
+            )
+
+    def clean_client_secret(self):
+        new_secret = self.cleaned_data.get("client_secret", "")
+        if not new_secret and self.instance.pk:
+            return self.instance.client_secret  # keep the stored one
+        return new_secret
+
+    def clean_scopes(self):
+        return _check_storable(self.cleaned_data.get("scopes") or [])
+
+    def clean_token_endpoint_auth_methods_supported(self):
+        methods = self.cleaned_data.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        return _check_storable(methods)
+
+    def clean_extra_authorize_params(self):
+        value = self.cleaned_data.get("extra_authorize_params")
+        return _check_storable(value if value not in (None, "") else {})
+
+
+class IssuerForm(forms.Form):
+    issuer = forms.URLField(
+        label="Upstream issuer",
+        max_length=500,
+        assume_scheme="https",
+        widget=forms.URLInput(attrs={"size": 70, "placeholder": "https://login.example.com"}),
+        help_text="The issuer URL of the upstream identity provider. Its RFC 8414 or OpenID Connect metadata "
+        "is read from the well-known URLs under it.",
+    )
+
+
+class RevokeForm(forms.Form):
+    reason = forms.CharField(
+        required=False,
+        max_length=200,
+        widget=forms.TextInput(attrs={"size": 70}),
+        help_text="Optional. Recorded in the audit log and on the revoked sessions.",
+    )
+
+
+def pretty_json(value) -> str:
+    return json.dumps(value, indent=2, sort_keys=True)

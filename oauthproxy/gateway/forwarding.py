@@ -1,0 +1,469 @@
+"""The gateway: forward MCP streamable-HTTP traffic to a server's internal ``mcp_url`` (DESIGN §4).
+
+The client's request goes on with its MCP headers and body and with ``Authorization: Bearer <upstream
+access token>`` instead of the client's own credentials; the internal server's answer comes back
+unbuffered, so each SSE event reaches the client when the internal server sends it.
+
+Cost per request is what the benchmark watches: kept-alive connections shared by all requests of a
+worker (``gateway_http.UpstreamPool``, on aiohttp), server configuration and tokens from per-process caches
+(``oauthproxy.gateway.auth``), no database query and no upstream call unless a cache entry expired or
+the upstream token is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
+from dataclasses import dataclass
+from urllib.parse import quote
+from uuid import UUID
+
+import aiohttp
+from django.conf import settings
+from django.utils.module_loading import import_string
+from yarl import URL
+
+from oauthproxy.core.exceptions import InvalidToken, UpstreamError
+from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imports it from here)
+    HTTP_ERRORS,
+    PoolTimeout,
+    UpstreamResponse,
+    gateway_upstream_pool,
+    gateway_upstream_pool_close,
+)
+from oauthproxy.gateway.auth import (
+    SingleFlight,
+    TokenGrant,
+    TTLCache,
+    UpstreamCredential,
+    gateway_auth_caches_clear,
+    gateway_upstream_credential,
+    run_in_db_thread,
+)
+from oauthproxy.models import McpServer
+
+logger = logging.getLogger(__name__)
+
+# Defaults; a deployment overrides each with OAUTHPROXY["GATEWAY_<NAME>"] (e.g. GATEWAY_READ_TIMEOUT).
+SERVER_CACHE_SECONDS = 30.0  # how long a worker keeps a server's configuration
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the internal server
+READ_TIMEOUT = 120.0  # POST/DELETE: seconds to the response headers, and between two body chunks
+WRITE_TIMEOUT = 30.0  # seconds to send the request body
+POOL_TIMEOUT = 5.0  # seconds to wait for a free connection when MAX_CONNECTIONS are in use
+STREAM_KEEPALIVE_SECONDS = 15.0  # GET SSE: send the client an SSE comment after this much silence
+STREAM_IDLE_TIMEOUT = 600.0  # GET SSE: close the stream after this long without a byte from upstream
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the largest request body the gateway forwards
+
+# Fixed per process (and gateway_http.MAX_CONNECTIONS, KEEPALIVE_EXPIRY).
+BUFFERED_RESPONSE_BYTES = 1024 * 1024  # non-SSE answers up to this size are read whole, then sent
+
+# Request headers that go on to the internal server, plus every MCP header (Mcp-Session-Id,
+# MCP-Protocol-Version, Mcp-Method, Mcp-Name, Mcp-Param-*). Everything else stays behind, in
+# particular the client's Authorization, Cookie, Origin and any X-MCP-* identity headers it made up.
+FORWARDED_REQUEST_HEADERS = frozenset({"accept", "content-type", "last-event-id"})
+# Response headers that come back, plus every MCP header. Not WWW-Authenticate (it would describe the
+# internal server's auth, not ours), Set-Cookie or hop-by-hop headers.
+RETURNED_RESPONSE_HEADERS = frozenset({"content-type", "content-encoding", "cache-control", "allow", "retry-after"})
+MCP_HEADER_PREFIX = "mcp-"
+
+USER_AGENT = "mcp-oauth-proxy"
+SSE_KEEPALIVE = b": keep-alive\n\n"
+_SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+def _setting(name: str, default: float) -> float:
+    return float(settings.OAUTHPROXY.get(f"GATEWAY_{name}", default))
+
+
+def max_request_bytes() -> int:
+    return int(_setting("MAX_REQUEST_BYTES", MAX_REQUEST_BYTES))
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+class GatewayError(Exception):
+    """The gateway cannot give an answer from the internal server; rendered as a JSON-RPC error."""
+
+    status = 502
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if status:
+            self.status = status
+        self.retry_after = retry_after
+
+
+def jsonrpc_error(message: str, *, request_id=None) -> dict:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32000, "message": message}}
+
+
+# -- servers -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GatewayServer:
+    """An enabled MCP server as the gateway sees it: a snapshot, safe to share between requests."""
+
+    id: UUID
+    slug: str
+    send_identity_headers: bool
+    resource_url: str
+    resource_metadata_url: str
+    scopes: tuple[str, ...]
+    required_scopes: frozenset[str]
+    url: URL | None  # the parsed mcp_url (None: not configured, or not a usable URL)
+    host_header: str
+    timeout: aiohttp.ClientTimeout  # connect and read timeouts for POST and DELETE
+    stream_timeout: aiohttp.ClientTimeout  # the same for GET (the SSE stream): no read timeout
+    stream_open_timeout: float  # GET: seconds to the response headers
+    write_timeout: float  # seconds to send the request body
+
+
+_UNKNOWN_SERVER = object()  # cached for unknown or disabled slugs: probing them costs no query either
+_servers: TTLCache[GatewayServer | object] = TTLCache(maxsize=1000)
+_server_loads = SingleFlight()
+
+
+async def gateway_server_get(*, slug: str) -> GatewayServer | None:
+    """The enabled server with this slug (``None``: unknown or disabled), from a per-process cache.
+
+    Configuration changes reach the gateway within ``OAUTHPROXY["GATEWAY_SERVER_CACHE_SECONDS"]`` (30 s
+    by default). Disabling a server stops its tokens sooner: token validation re-reads the server with
+    the token, every ``GATEWAY_CACHE_SECONDS``.
+    """
+    cached = _servers.get(slug)
+    if cached is None:
+        cached = await _server_loads.run(slug, lambda: _server_load(slug))
+    return None if cached is _UNKNOWN_SERVER else cached
+
+
+async def _server_load(slug: str) -> GatewayServer | object:
+    server = await run_in_db_thread(lambda: McpServer.objects.enabled().filter(slug=slug).first(), cache_load=True)
+    snapshot = gateway_server_snapshot(server) if server is not None else _UNKNOWN_SERVER
+    _servers.set(slug, snapshot, ttl=_setting("SERVER_CACHE_SECONDS", SERVER_CACHE_SECONDS))
+    return snapshot
+
+
+def gateway_server_snapshot(server: McpServer) -> GatewayServer:
+    """The gateway's view of a server. Timeouts are per server; today every server gets the
+    deployment's values (the GATEWAY_* settings, defaults above)."""
+    connect = _setting("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+    read = _setting("READ_TIMEOUT", READ_TIMEOUT)
+    write = _setting("WRITE_TIMEOUT", WRITE_TIMEOUT)
+    url, host_header = _parse_mcp_url(server.mcp_url)
+    return GatewayServer(
+        id=server.id,
+        slug=server.slug,
+        send_identity_headers=server.send_identity_headers,
+        resource_url=server.resource_url,
+        resource_metadata_url=server.resource_metadata_url,
+        scopes=tuple(server.scopes or ()),
+        required_scopes=frozenset(gateway_required_scopes(server)),
+        url=url,
+        host_header=host_header,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
+        # The relay bounds an idle stream instead (STREAM_IDLE_TIMEOUT).
+        stream_timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
+        stream_open_timeout=read,
+        write_timeout=write,
+    )
+
+
+def _parse_mcp_url(mcp_url: str) -> tuple[URL | None, str]:
+    """The URL to send to and the Host header (IDNA, IPv6 brackets, the port unless the default).
+    Credentials and a fragment in ``mcp_url`` are not sent."""
+    if not mcp_url:
+        return None, ""
+    try:
+        url = URL(mcp_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            return None, ""
+        return url.with_user(None).with_fragment(None), url.host_port_subcomponent
+    except ValueError:  # e.g. a port out of range
+        return None, ""
+
+
+def gateway_required_scopes(server: McpServer) -> Iterable[str]:
+    """Scopes a token must carry at this server's gateway, else ``403 insufficient_scope`` (MCP step-up).
+
+    None by default. ``OAUTHPROXY["GATEWAY_REQUIRED_SCOPES"]`` may name a function ``(server) ->
+    iterable of scopes`` (a dotted path, like django-oauth-toolkit's swap points) for deployments that
+    need step-up.
+    """
+    hook = settings.OAUTHPROXY.get("GATEWAY_REQUIRED_SCOPES")
+    if not hook:
+        return ()
+    return import_string(hook)(server) if isinstance(hook, str) else hook(server)
+
+
+def gateway_caches_clear() -> None:
+    """Forget every cached server, token and upstream credential of this process (tests, admin tools)."""
+    _servers.clear()
+    gateway_auth_caches_clear()
+
+
+# -- forwarding --------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class ForwardedResponse:
+    """The internal server's answer: ``content`` when it was small and not a stream (read whole, so it
+    goes out in one piece with a Content-Length), else ``body`` to stream. Call ``aclose()`` when done
+    with ``body`` (also when it was never read): it releases the internal connection."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes | None
+    body: AsyncGenerator[bytes, None] | None
+    upstream: UpstreamResponse
+
+    @property
+    def complete(self) -> bool:
+        """Whether the internal server's body has been received to its end: the chunk ``body`` yielded
+        last is then the last one."""
+        return self.upstream.complete
+
+    async def aclose(self) -> None:
+        if self.body is not None:
+            await self.body.aclose()
+        await self.upstream.aclose()
+
+
+async def gateway_forward(
+    *,
+    server: GatewayServer,
+    grant: TokenGrant,
+    method: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+) -> ForwardedResponse:
+    """Send the client's request on to the internal server and return its answer.
+
+    When the internal server answers 401 to a token we believed fresh, the upstream token is refreshed
+    once and the request retried: it is safe, the body is in memory and nothing reached the client yet.
+
+    Raises ``GatewayError`` (502 unreachable or broken, 503 busy or upstream IdP down, 504 timed out)
+    and ``InvalidToken`` (the session ended, or the internal server keeps refusing its credential).
+    """
+    forwarded = _forwarded_headers(server, grant, headers)
+    credential = await _credential(grant)
+    response = await _send(server, method, forwarded, body, credential)
+    if response.status == 401:
+        await response.aclose()
+        logger.info("gateway %s: internal server refused the upstream token; refreshing once", server.slug)
+        renewed = await _credential(grant, rejected=credential)
+        if renewed.access_token != credential.access_token:
+            response = await _send(server, method, forwarded, body, renewed)
+        if response.status == 401:
+            await response.aclose()
+            raise InvalidToken("The MCP server refused this session's credentials; authorize again.")
+    returned = _returned_headers(response)
+    sse = returned.get("content-type", "").startswith("text/event-stream")
+    if not sse and _small(response):
+        try:
+            content = await response.read()
+        except HTTP_ERRORS as exc:
+            raise _gateway_error(exc, server, method)
+        finally:
+            await response.aclose()
+        return ForwardedResponse(response.status, returned, content, None, response)
+    body_stream = _relay(response, sse=sse, method=method, request_body=body, server=server)
+    return ForwardedResponse(response.status, returned, None, body_stream, response)
+
+
+async def _credential(grant: TokenGrant, *, rejected: UpstreamCredential | None = None) -> UpstreamCredential:
+    try:
+        return await gateway_upstream_credential(
+            grant=grant, rejected_access_token=rejected.access_token if rejected else None
+        )
+    except UpstreamError as exc:
+        logger.warning("gateway: upstream token refresh failed: %s", exc.reason)
+        raise GatewayError(
+            "The identity provider is unavailable; try again shortly.", status=503, retry_after=5
+        )
+
+
+def _forwarded_headers(
+    server: GatewayServer, grant: TokenGrant, headers: Iterable[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The request headers for the internal server, all but Authorization (added per attempt). The
+    client's values go on as the same bytes; a value that cannot (a control character, or bytes that
+    are not UTF-8, which is what aiohttp sends) is refused with 400 rather than altered."""
+    forwarded = [
+        ("host", server.host_header),
+        ("user-agent", USER_AGENT),
+        # No compression with the internal server: bodies pass through as they are.
+        ("accept-encoding", "identity"),
+    ]
+    for name, value in headers:
+        name = name.lower()
+        if name in FORWARDED_REQUEST_HEADERS or name.startswith(MCP_HEADER_PREFIX):
+            forwarded.append((name, value if _SAFE_HEADER_VALUE.fullmatch(value) else _header_value(name, value)))
+    if server.send_identity_headers:
+        forwarded.append(("x-mcp-subject", _identity_value(grant.subject)))
+        forwarded.append(("x-mcp-client-id", _identity_value(grant.client_id)))
+    return forwarded
+
+
+# Printable ASCII and tab: goes out as it is. Anything else is looked at by _header_value.
+_SAFE_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# What aiohttp refuses to send (header injection); ASGI servers refuse line breaks before we see them.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _header_value(name: str, value: str) -> str:
+    """A client's header value (decoded as Latin-1, as ASGI servers and Django do) as the string whose
+    UTF-8 encoding is the bytes the client sent."""
+    try:
+        text = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        text = None
+    if text is None or _CONTROL_CHARACTERS.search(text):
+        raise GatewayError(f"The request header {name} cannot be forwarded.", status=400)
+    return text
+
+
+def _identity_value(value: str) -> str:
+    """Header-safe: printable ASCII as is, anything else percent-encoded (UTF-8)."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe="")
+
+
+async def _send(
+    server: GatewayServer,
+    method: str,
+    forwarded: list[tuple[str, str]],
+    body: bytes,
+    credential: UpstreamCredential,
+) -> UpstreamResponse:
+    headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
+    pool = gateway_upstream_pool()
+    pool_timeout = _setting("POOL_TIMEOUT", POOL_TIMEOUT)
+    try:
+        if method == "GET":
+            # The long-lived SSE stream: no read timeout once it is open, but its headers are bounded.
+            async with asyncio.timeout(server.stream_open_timeout):
+                return await pool.request(
+                    method, server.url, headers=headers, body=b"", timeout=server.stream_timeout,
+                    write_timeout=server.write_timeout, pool_timeout=pool_timeout,
+                )
+        return await pool.request(
+            method, server.url, headers=headers, body=body if method == "POST" else b"", timeout=server.timeout,
+            write_timeout=server.write_timeout, pool_timeout=pool_timeout,
+        )
+    except HTTP_ERRORS as exc:
+        raise _gateway_error(exc, server, method)
+    except ValueError as exc:  # aiohttp refuses a header value (e.g. an upstream token with a line break)
+        raise _gateway_error(exc, server, method)
+
+
+def _gateway_error(exc: Exception, server: GatewayServer, method: str) -> GatewayError:
+    if isinstance(exc, PoolTimeout):
+        _log_failure(server, method, "found no free connection (MAX_CONNECTIONS in use)")
+        return GatewayError("The gateway is busy; try again shortly.", status=503, retry_after=1)
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        _log_failure(server, method, "timed out")
+        return GatewayError("The MCP server did not answer in time.", status=504)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        _log_failure(server, method, f"cannot connect ({exc.os_error or type(exc).__name__})")
+        return GatewayError("The MCP server is unreachable.", status=502)
+    _log_failure(server, method, f"failed ({type(exc).__name__})")
+    return GatewayError("The MCP server failed to answer.", status=502)
+
+
+def _log_failure(server: GatewayServer, method: str, reason: str) -> None:
+    logger.warning("gateway %s: %s to the internal MCP server %s", server.slug, method, reason)
+
+
+def _returned_headers(response: UpstreamResponse) -> dict[str, str]:
+    returned = {}
+    for raw_name, raw_value in response.headers:  # as the server wrote them
+        name = raw_name.decode("latin-1").lower()
+        if name in RETURNED_RESPONSE_HEADERS or name.startswith(MCP_HEADER_PREFIX):
+            returned[name] = raw_value.decode("latin-1")
+    if returned.get("content-type", "").startswith("text/event-stream"):
+        returned.setdefault("cache-control", "no-cache")
+        returned["x-accel-buffering"] = "no"  # nginx and friends: do not buffer the stream
+    return returned
+
+
+def _small(response: UpstreamResponse) -> bool:
+    length = response.content_length
+    return length is not None and length <= BUFFERED_RESPONSE_BYTES
+
+
+async def _relay(
+    response: UpstreamResponse, *, sse: bool, method: str, request_body: bytes, server: GatewayServer
+) -> AsyncGenerator[bytes, None]:
+    """The internal server's body, chunk by chunk as it arrives. Always closes the internal response,
+    whether the body ends, fails, or the client goes away (the ASGI server cancels or closes us)."""
+    at_event_boundary = True
+    chunks = _with_keepalive(response.chunks()) if method == "GET" and sse else response.chunks()
+    try:
+        async for chunk in chunks:
+            at_event_boundary = chunk.endswith(_SSE_EVENT_ENDS)
+            yield chunk
+    except HTTP_ERRORS as exc:
+        # The status line is sent: all we can do is end the stream. For an SSE answer to a request,
+        # tell the client its request failed (at an event boundary) rather than leave it waiting.
+        timed_out = isinstance(exc, TimeoutError)
+        _log_failure(server, method, "timed out mid-response" if timed_out else f"broke ({type(exc).__name__})")
+        request_id = _request_id(request_body) if sse and at_event_boundary else None
+        if request_id is not None:
+            message = "The MCP server did not answer in time." if timed_out else "The MCP server failed to answer."
+            data = json.dumps(jsonrpc_error(message, request_id=request_id), separators=(",", ":"))
+            yield f"event: message\ndata: {data}\n\n".encode()
+    finally:
+        await chunks.aclose()
+        await response.aclose()
+
+
+async def _with_keepalive(stream: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """A GET SSE stream with an SSE comment sent whenever the internal server is silent for a while, so
+    load balancers keep the connection; closed after ``STREAM_IDLE_TIMEOUT`` of silence (the client
+    reconnects, resuming with Last-Event-ID). The pending read is never cancelled between keep-alives."""
+    interval = _setting("STREAM_KEEPALIVE_SECONDS", STREAM_KEEPALIVE_SECONDS)
+    idle_limit = _setting("STREAM_IDLE_TIMEOUT", STREAM_IDLE_TIMEOUT)
+    loop = asyncio.get_running_loop()
+    chunks = aiter(stream)
+    pending: asyncio.Future | None = None
+    at_event_boundary = True
+    last_data = loop.time()
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait((pending,), timeout=interval)
+            if not done:
+                if loop.time() - last_data >= idle_limit:
+                    return
+                if at_event_boundary:
+                    yield SSE_KEEPALIVE
+                continue
+            finished, pending = pending, None
+            try:
+                chunk = finished.result()
+            except StopAsyncIteration:
+                return
+            last_data = loop.time()
+            at_event_boundary = chunk.endswith(_SSE_EVENT_ENDS)
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait((pending,))
+        await chunks.aclose()
+
+
+def _request_id(body: bytes):
+    """The JSON-RPC id of a single request in ``body``, else None (only parsed on failure)."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and "method" in message and isinstance(message.get("id"), str | int):
+        return message["id"]
+    return None

@@ -1,0 +1,214 @@
+"""Upstream sessions: the upstream tokens behind a grant. Creating one after login, keeping its access
+token fresh (exactly one upstream refresh per grant under concurrency, across processes and hosts),
+and ending it.
+"""
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from oauthproxy.core.audit import audit_event, audit_logged, audit_record
+from oauthproxy.core.exceptions import UpstreamError
+from oauthproxy.db.sql import row_update
+from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
+from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
+from oauthproxy.upstream.client import TokenSet, UpstreamClient, expires_at_from
+
+logger = logging.getLogger(__name__)
+
+
+class UpstreamSessionEnded(Exception):
+    """The upstream no longer honours this session (e.g. ``invalid_grant`` on refresh); the client must
+    authorize again."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    value: str
+    source: str  # id_token, userinfo or opaque
+
+
+def subject_learn(*, server: McpServer, tokens: TokenSet) -> Subject:
+    """Who logged in: the ID token's ``sub``, else userinfo's ``sub`` (or GitHub-style ``id``), else an
+    opaque identifier for this grant alone."""
+    client = UpstreamClient(server)
+    if tokens.id_token:
+        claims = client.id_token_claims(id_token=tokens.id_token)
+        return Subject(str(claims["sub"]), "id_token")
+    if server.userinfo_endpoint:
+        info = client.userinfo(access_token=tokens.access_token)
+        for claim in ("sub", "id", "user_id", "login", "email"):
+            if info.get(claim) not in (None, ""):
+                return Subject(str(info[claim]), "userinfo")
+        raise UpstreamError("userinfo: no subject claim (sub, id, user_id, login, email)", oauth_error="server_error")
+    return Subject("grant:" + secrets.token_hex(12), "opaque")
+
+
+def upstream_session_create(
+    *, server: McpServer, client: Client, tokens: TokenSet, subject: Subject
+) -> UpstreamSession:
+    session = UpstreamSession(
+        server=server,
+        client=client,
+        subject=subject.value,
+        subject_source=subject.source,
+        scope=tokens.scope or " ".join(server.scopes or []),
+        token_type=tokens.token_type,
+        expires_at=expires_at_from(tokens.expires_in),
+    )
+    session.access_token = tokens.access_token
+    session.refresh_token = tokens.refresh_token
+    session.save()
+    return session
+
+
+def upstream_token_is_due(session: UpstreamSession, *, margin: int | None = None) -> bool:
+    """Due when it expires within the margin. A session whose refresh token is missing is due only when
+    actually expired (refreshing early is impossible; ending it early would cut users off)."""
+    if session.expires_at is None:
+        return False
+    if margin is None:
+        margin = settings.OAUTHPROXY["UPSTREAM_REFRESH_MARGIN"]
+    now = timezone.now()
+    if not session.refresh_token:
+        return session.expires_at <= now
+    return session.expires_at <= now + timedelta(seconds=margin)
+
+
+def upstream_session_ensure_fresh(
+    *, session: UpstreamSession, rejected_access_token: str | None = None, locked: bool = False
+) -> UpstreamSession:
+    """Return the session with an upstream access token that is not due, refreshing it if needed.
+
+    ``rejected_access_token``: the internal server answered 401 to this (supposedly fresh) token; refresh
+    unless a concurrent request already replaced it.
+
+    The refresh runs under ``SELECT ... FOR UPDATE`` of the session row: concurrent callers on any
+    process or host wait for the first, re-read the row, and find it fresh, so the upstream sees one
+    refresh per grant. Raises ``UpstreamSessionEnded`` when the upstream refuses the refresh token (or
+    the token expired with nothing to refresh it), ``UpstreamError`` when the upstream is unreachable and
+    the current token is already expired.
+
+    ``locked``: the caller's transaction already holds this row's lock and read the row under it (the
+    refresh grant does), so it is refreshed in place without a second lock; its ``server`` and ``client``
+    should be set already (they are read otherwise).
+    """
+    if session.revoked_at is not None:
+        raise UpstreamSessionEnded("session revoked")
+
+    def needs_refresh(row: UpstreamSession) -> bool:
+        if rejected_access_token is not None and row.refresh_token:
+            return row.access_token == rejected_access_token
+        return upstream_token_is_due(row)
+
+    if not needs_refresh(session):
+        return session
+    if locked:
+        failure = _refresh_locked(session, needs_refresh=needs_refresh, rejected=rejected_access_token is not None)
+        if failure is not None:
+            raise failure
+        return session
+    with transaction.atomic():
+        # Lock the session row only (of=self): the server and client rows must stay free for the inserts
+        # (audit events, tokens) that other requests make while this one waits for the upstream.
+        locked = _locked_session(session.pk)
+        failure = _refresh_locked(locked, needs_refresh=needs_refresh, rejected=rejected_access_token is not None)
+    # Raised only after the block commits, so an ended session and its audit trail are kept.
+    if failure is not None:
+        raise failure
+    return locked
+
+
+def _locked_session(pk) -> UpstreamSession:
+    return (
+        UpstreamSession.objects.select_for_update(of=("self",)).select_related("server", "client").get(pk=pk)
+    )
+
+
+def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -> Exception | None:
+    """Refresh a locked session in place. Returns the exception for the caller to raise, if any."""
+    if locked.revoked_at is not None:
+        return UpstreamSessionEnded("session revoked")
+    if not needs_refresh(locked):
+        return None  # another request refreshed it while we waited for the lock
+    if not locked.refresh_token:
+        _end(locked, reason="upstream access token expired and the upstream issued no refresh token")
+        return UpstreamSessionEnded(locked.revoked_reason)
+    try:
+        # Counted only for refreshes that really go upstream (requests that waited for the lock and found
+        # the token fresh returned above).
+        quota_consume(client=locked.client, operation="refresh")
+    except QuotaExceeded as exc:
+        if not rejected and locked.expires_at and locked.expires_at > timezone.now():
+            return None  # still valid for now: keep using it
+        # Callers treat it like an unreachable upstream: retry later, the session stays.
+        return UpstreamError(exc.description, oauth_error="temporarily_unavailable")
+    try:
+        tokens = UpstreamClient(locked.server).refresh(refresh_token=locked.refresh_token)
+    except UpstreamError as exc:
+        if exc.oauth_error == "invalid_grant":
+            _end(locked, reason=f"upstream refused the refresh token: {exc.reason}")
+            return UpstreamSessionEnded(locked.revoked_reason)
+        audit_record(
+            kind=AuditEvent.Kind.UPSTREAM_FAILURE, server=locked.server, client=locked.client,
+            subject=locked.subject, message=exc.reason,
+        )
+        if not rejected and locked.expires_at and locked.expires_at > timezone.now():
+            return None  # still valid for a little while: use it, retry the refresh next time
+        return exc
+    locked.access_token = tokens.access_token
+    if tokens.refresh_token:  # rotation; otherwise keep the one we have
+        locked.refresh_token = tokens.refresh_token
+    locked.expires_at = expires_at_from(tokens.expires_in)
+    locked.token_type = tokens.token_type
+    if tokens.scope:
+        locked.scope = tokens.scope
+    locked.refresh_count += 1
+    locked.refreshed_at = timezone.now()
+    event = audit_event(kind=AuditEvent.Kind.UPSTREAM_REFRESHED, server=locked.server, client=locked.client,
+                        subject=locked.subject)
+    row_update(locked, ("access_token", "refresh_token", "expires_at", "token_type", "scope", "refresh_count",
+                        "refreshed_at"), inserting=(event,))
+    audit_logged(event)
+    return None
+
+
+def _end(session: UpstreamSession, *, reason: str) -> None:
+    """Mark the session ended and revoke every proxy token of it (the caller holds the row lock)."""
+    session.revoked_at = timezone.now()
+    session.revoked_reason = reason[:200]
+    session.save(update_fields=["revoked_at", "revoked_reason"])
+    _revoke_proxy_tokens(session)
+    audit_record(kind=AuditEvent.Kind.SESSION_REVOKED, server=session.server, client=session.client,
+                 subject=session.subject, message=reason)
+
+
+def _revoke_proxy_tokens(session: UpstreamSession) -> None:
+    now = timezone.now()
+    session.refresh_tokens.filter(revoked__isnull=True).update(revoked=now, access_token=None)
+    session.access_tokens.all().delete()
+
+
+def upstream_session_revoke(*, session: UpstreamSession, reason: str, actor=None) -> None:
+    """End a session at the proxy and, where the upstream has a revocation endpoint, at the upstream."""
+    with transaction.atomic():
+        locked = _locked_session(session.pk)
+        if locked.revoked_at is not None:
+            return
+        locked.revoked_at = timezone.now()
+        locked.revoked_reason = reason[:200]
+        locked.save(update_fields=["revoked_at", "revoked_reason"])
+        _revoke_proxy_tokens(locked)
+        refresh_token, access_token = locked.refresh_token, locked.access_token
+    audit_record(kind=AuditEvent.Kind.SESSION_REVOKED, server=locked.server, client=locked.client, actor=actor,
+                 subject=locked.subject, message=reason)
+    upstream = UpstreamClient(locked.server)
+    if refresh_token:
+        upstream.revoke(token=refresh_token, token_type_hint="refresh_token")
+    if access_token:
+        upstream.revoke(token=access_token, token_type_hint="access_token")

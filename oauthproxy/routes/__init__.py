@@ -1,1 +1,0 @@
-"""URL patterns per area; ``oauthproxy.urls`` stitches them into the layout of DESIGN §2."""

@@ -1,1 +1,0 @@
-"""Services: the write side. Plain functions with keyword-only arguments, named <entity>_<action>."""

@@ -1,0 +1,343 @@
+"""The wire client for the upstream identity provider: URLs, code exchange, refresh, revoke, userinfo.
+
+Only wire work lives here (the allauth "client" role): one pooled ``requests`` session, a timeout on
+every call, response size bounded, errors caught narrowly and turned into ``UpstreamError`` with a reason
+an operator can act on. Policy (when to refresh, what to store) lives in ``upstream_sessions``.
+"""
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import jwt
+import requests
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+from requests.adapters import HTTPAdapter
+
+from oauthproxy.core import metrics
+from oauthproxy.core.exceptions import UpstreamError
+from oauthproxy.models import McpServer
+
+logger = logging.getLogger(__name__)
+
+_session: requests.Session | None = None
+
+
+def http_session() -> requests.Session:
+    """The one HTTP session for upstream calls (connection pooling across requests). Tests patch HTTP
+    with ``responses``, which intercepts this session like any other."""
+    global _session
+    if _session is None:
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=32, pool_maxsize=64, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.headers["User-Agent"] = "mcp-oauth-proxy"
+        _session = session
+    return _session
+
+
+def _timeouts() -> tuple[float, float]:
+    conf = settings.OAUTHPROXY
+    return conf["UPSTREAM_CONNECT_TIMEOUT"], conf["UPSTREAM_READ_TIMEOUT"]
+
+
+def _read_json(response: requests.Response, *, what: str) -> dict:
+    limit = settings.OAUTHPROXY["UPSTREAM_MAX_RESPONSE_BYTES"]
+    body = response.raw.read(limit + 1, decode_content=True) if response.raw is not None else response.content
+    if len(body) > limit:
+        raise UpstreamError(f"{what}: response larger than {limit} bytes", oauth_error="server_error")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        content_type = response.headers.get("Content-Type", "?")
+        raise UpstreamError(
+            f"{what}: HTTP {response.status_code} with a non-JSON body ({content_type})",
+            oauth_error="server_error" if response.status_code < 500 else "temporarily_unavailable",
+        )
+    if not isinstance(data, dict):
+        raise UpstreamError(f"{what}: JSON body is not an object", oauth_error="server_error")
+    return data
+
+
+def _request(method: str, url: str, *, what: str, server: str | None = None, **kwargs) -> requests.Response:
+    """One upstream call (``server``: the slug, for the metrics only)."""
+    outcome = "error"
+    started = time.perf_counter()
+    try:
+        response = http_session().request(
+            method, url, timeout=_timeouts(), allow_redirects=False, stream=True, **kwargs
+        )
+        outcome = metrics.status_class(response.status_code)
+    except requests.Timeout:
+        outcome = "timeout"
+        raise UpstreamError(f"{what}: timed out", oauth_error="temporarily_unavailable")
+    except requests.ConnectionError as exc:
+        outcome = "connection_error"
+        raise UpstreamError(
+            f"{what}: cannot connect to {urlsplit(url).netloc} ({type(exc).__name__})",
+            oauth_error="temporarily_unavailable",
+        )
+    except requests.RequestException as exc:
+        raise UpstreamError(f"{what}: request failed ({type(exc).__name__})", oauth_error="server_error")
+    finally:
+        metrics.upstream_request_record(
+            server=server, what=what, outcome=outcome, seconds=time.perf_counter() - started
+        )
+    return response
+
+
+@dataclass
+class TokenSet:
+    access_token: str
+    token_type: str = "Bearer"
+    refresh_token: str = ""
+    expires_in: int | None = None
+    scope: str = ""
+    id_token: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_response(cls, data: dict, *, what: str) -> "TokenSet":
+        access_token = data.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            raise UpstreamError(f"{what}: the response has no access_token", oauth_error="server_error")
+        expires_in = data.get("expires_in")
+        try:
+            expires_in = int(expires_in) if expires_in not in (None, "") else None
+        except (TypeError, ValueError):
+            expires_in = None
+        scope = data.get("scope") or ""
+        if isinstance(scope, list):  # some providers send a list
+            scope = " ".join(str(s) for s in scope)
+        return cls(
+            access_token=access_token,
+            token_type=str(data.get("token_type") or "Bearer"),
+            refresh_token=str(data.get("refresh_token") or ""),
+            expires_in=expires_in,
+            scope=str(scope),
+            id_token=str(data.get("id_token") or ""),
+        )
+
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class UpstreamClient:
+    """Talks to one server's upstream with its single stored credential."""
+
+    def __init__(self, server: McpServer):
+        self.server = server
+
+    # -- authorization -------------------------------------------------------------------------
+    def authorization_url(self, *, state: str, code_challenge: str | None) -> str:
+        server = self.server
+        params: dict[str, str] = {
+            "response_type": "code",
+            "client_id": server.client_id,
+            "redirect_uri": server.callback_url,
+            "state": state,
+        }
+        scopes = list(server.scopes or [])
+        if scopes:
+            params["scope"] = " ".join(scopes)
+        if server.use_pkce and code_challenge:
+            params["code_challenge"] = code_challenge
+            params["code_challenge_method"] = "S256"
+        extra = dict(server.extra_authorize_params or {})
+        # OpenID providers issue a refresh token for offline_access only with prompt=consent (DESIGN §6).
+        if "offline_access" in scopes and "prompt" not in extra:
+            extra["prompt"] = "consent"
+        params.update(extra)
+        # The MCP client's `resource` is never forwarded: the upstream does not know our resource URIs.
+        parts = urlsplit(server.authorization_endpoint)
+        query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, quote_via=quote), ""))
+
+    # -- token endpoint ------------------------------------------------------------------------
+    def _token_request(self, data: dict, *, what: str) -> TokenSet:
+        server = self.server
+        headers = {"Accept": "application/json"}
+        method = server.upstream_auth_method
+        body = dict(data)
+        if method == "client_secret_basic":
+            # RFC 6749 §2.3.1: form-encode id and secret before base64. client_id is NOT repeated in the
+            # body: some upstreams reject credentials sent twice (DESIGN §6).
+            raw = f"{quote(server.client_id, safe='')}:{quote(server.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
+        elif method == "client_secret_post":
+            body["client_id"] = server.client_id
+            body["client_secret"] = server.client_secret
+        else:  # none: a public upstream client
+            body["client_id"] = server.client_id
+        response = _request("POST", server.token_endpoint, what=what, data=body, headers=headers, server=server.slug)
+        if response.status_code >= 500:
+            raise UpstreamError(f"{what}: HTTP {response.status_code}", oauth_error="temporarily_unavailable")
+        payload = _read_json(response, what=what)
+        if response.status_code != 200 or "error" in payload:
+            error = str(payload.get("error") or f"http_{response.status_code}")[:100]
+            description = str(payload.get("error_description") or "")[:300]
+            oauth_error = "invalid_grant" if error == "invalid_grant" else "server_error"
+            raise UpstreamError(
+                f"{what}: upstream answered {error}" + (f" ({description})" if description else ""),
+                oauth_error=oauth_error,
+                upstream_error=error,
+            )
+        return TokenSet.from_response(payload, what=what)
+
+    def exchange_code(self, *, code: str, code_verifier: str | None) -> TokenSet:
+        data = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.server.callback_url}
+        if code_verifier:
+            data["code_verifier"] = code_verifier
+        return self._token_request(data, what="code exchange")
+
+    def refresh(self, *, refresh_token: str) -> TokenSet:
+        return self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token}, what="token refresh"
+        )
+
+    def check_credentials(self) -> str:
+        """Exchange an invalid code: ``invalid_grant`` means the credential was accepted."""
+        try:
+            self.exchange_code(code="proxy-connection-check-invalid-code", code_verifier=None)
+        except UpstreamError as exc:
+            return exc.upstream_error or exc.reason
+        return "unexpected_success"
+
+    def revoke(self, *, token: str, token_type_hint: str) -> bool:
+        """Best effort RFC 7009 revocation at the upstream; True when the upstream accepted it."""
+        endpoint = self.server.revocation_endpoint
+        if not endpoint or not token:
+            return False
+        server = self.server
+        body = {"token": token, "token_type_hint": token_type_hint}
+        headers = {}
+        if server.upstream_auth_method == "client_secret_basic":
+            raw = f"{quote(server.client_id, safe='')}:{quote(server.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
+        else:
+            body["client_id"] = server.client_id
+            if server.upstream_auth_method == "client_secret_post":
+                body["client_secret"] = server.client_secret
+        try:
+            response = _request("POST", endpoint, what="revocation", data=body, headers=headers, server=server.slug)
+        except UpstreamError as exc:
+            logger.warning("upstream revocation failed for %s: %s", server.slug, exc.reason)
+            return False
+        response.close()
+        return response.status_code == 200
+
+    # -- identity ------------------------------------------------------------------------------
+    def userinfo(self, *, access_token: str) -> dict:
+        response = _request(
+            "GET",
+            self.server.userinfo_endpoint,
+            what="userinfo",
+            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+            server=self.server.slug,
+        )
+        if response.status_code != 200:
+            response.close()
+            raise UpstreamError(f"userinfo: HTTP {response.status_code}", oauth_error="server_error")
+        return _read_json(response, what="userinfo")
+
+    def provider_metadata(self) -> dict:
+        """RFC 8414 / OIDC discovery document of the configured upstream issuer (cached)."""
+        issuer = self.server.issuer.rstrip("/")
+        cache_key = f"upstream-metadata:{issuer}"
+        cached = cache.get(cache_key)
+        if cached is not None:
+            return cached
+        last_error = None
+        parts = urlsplit(issuer)
+        candidates = [
+            f"{issuer}/.well-known/openid-configuration",
+            urlunsplit((parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + parts.path, "", "")),
+        ]
+        for url in candidates:
+            try:
+                response = _request("GET", url, what="upstream discovery", headers={"Accept": "application/json"},
+                                    server=self.server.slug)
+                if response.status_code == 200:
+                    data = _read_json(response, what="upstream discovery")
+                    cache.set(cache_key, data, 3600)
+                    return data
+                response.close()
+                last_error = f"HTTP {response.status_code} from {url}"
+            except UpstreamError as exc:
+                last_error = exc.reason
+        raise UpstreamError(f"upstream discovery failed: {last_error}", oauth_error="server_error")
+
+    def id_token_claims(self, *, id_token: str) -> dict:
+        """The claims of an ID token received from the token endpoint.
+
+        With an ``issuer`` configured the signature is checked against the upstream's JWKS, with
+        ``iss`` and ``aud``. Without one, the token came straight from the token endpoint over the
+        server-authenticated channel (OIDC Core §3.1.3.7 permits relying on TLS then); ``aud`` is still
+        checked.
+        """
+        options = {"require": ["sub"]}
+        try:
+            if not self.server.issuer:
+                return jwt.decode(
+                    id_token,
+                    options={"verify_signature": False, "verify_aud": True, **options},
+                    audience=self.server.client_id,
+                )
+            metadata = self.provider_metadata()
+            jwks_uri = metadata.get("jwks_uri")
+            if not jwks_uri:
+                raise UpstreamError("id_token: upstream metadata has no jwks_uri", oauth_error="server_error")
+            header = jwt.get_unverified_header(id_token)
+            algorithm = header.get("alg")
+            # Asymmetric algorithms only: a symmetric one would turn the public key into an HMAC secret
+            # (algorithm confusion), and "none" is no signature at all.
+            if algorithm not in ASYMMETRIC_ALGORITHMS:
+                raise UpstreamError(f"id_token signed with unsupported algorithm {algorithm!r}",
+                                    oauth_error="server_error")
+            key = self._signing_key(jwks_uri, header.get("kid"))
+            return jwt.decode(
+                id_token,
+                key=key,
+                algorithms=[algorithm],
+                audience=self.server.client_id,
+                issuer=metadata.get("issuer", self.server.issuer),
+                leeway=60,
+                options=options,
+            )
+        except jwt.PyJWTError as exc:
+            raise UpstreamError(f"id_token rejected: {exc}", oauth_error="server_error")
+
+    def _signing_key(self, jwks_uri: str, kid: str | None):
+        cache_key = f"upstream-jwks:{jwks_uri}"
+        jwks = cache.get(cache_key)
+        for _attempt in range(2):
+            if jwks is None:
+                response = _request("GET", jwks_uri, what="jwks", headers={"Accept": "application/json"},
+                                    server=self.server.slug)
+                jwks = _read_json(response, what="jwks")
+                cache.set(cache_key, jwks, 3600)
+            try:
+                key_set = jwt.PyJWKSet.from_dict(jwks)
+            except jwt.PyJWTError as exc:
+                raise UpstreamError(f"jwks unusable: {exc}", oauth_error="server_error")
+            for key in key_set.keys:
+                if kid is None or key.key_id == kid:
+                    return key.key
+            jwks = None  # unknown kid: the upstream may have rotated keys; fetch once more
+        raise UpstreamError("id_token signed with an unknown key", oauth_error="server_error")
+
+
+def expires_at_from(expires_in: int | None):
+    """Absolute expiry for an upstream ``expires_in`` (None: the upstream gave no expiry)."""
+    if expires_in is None or expires_in <= 0:
+        return None
+    return timezone.now() + timedelta(seconds=expires_in)

@@ -1,0 +1,40 @@
+"""The per-process server cache: fresh after a change in this process, private copies per request."""
+
+import pytest
+
+from oauthproxy.core.servers import server_get_enabled
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_disabled_server_is_gone_at_once_in_the_process_that_disabled_it(server, client):
+    assert server_get_enabled(slug=server.slug) is not None
+    server.enabled = False
+    server.save()
+    assert server_get_enabled(slug=server.slug) is None
+    response = client.post(f"/oauth/{server.slug}/token", {"grant_type": "refresh_token"})
+    assert response.status_code == 404
+
+
+def test_a_new_server_is_found_at_once_after_an_unknown_slug_was_cached(server_factory):
+    assert server_get_enabled(slug="fresh") is None
+    server_factory(slug="fresh")
+    assert server_get_enabled(slug="fresh").slug == "fresh"
+
+
+def test_a_deleted_server_is_gone_at_once(server):
+    assert server_get_enabled(slug=server.slug) is not None
+    server.delete()
+    assert server_get_enabled(slug=server.slug) is None
+
+
+def test_each_caller_gets_its_own_copy(server):
+    first = server_get_enabled(slug=server.slug)
+    first.name = "changed by one request"
+    assert server_get_enabled(slug=server.slug).name == server.name
+
+
+def test_the_cached_row_serves_repeat_lookups_without_a_query(server, django_assert_num_queries):
+    server_get_enabled(slug=server.slug)
+    with django_assert_num_queries(0):
+        assert server_get_enabled(slug=server.slug).pk == server.pk

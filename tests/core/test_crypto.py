@@ -1,0 +1,75 @@
+import base64
+import os
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from oauthproxy.core import crypto
+from oauthproxy.models import McpServer
+
+SECRET = "upstream-secret-value-123"
+
+
+def raw_secret_column(server) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT client_secret FROM oauthproxy_mcpserver WHERE id = %s", [server.pk])
+        return cursor.fetchone()[0]
+
+
+def new_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+@pytest.mark.django_db
+class TestEncryptedSecret:
+    def test_database_holds_ciphertext_only(self, server):
+        raw = raw_secret_column(server)
+        assert SECRET not in raw
+        assert raw.startswith("enc:v1:")
+        assert McpServer.objects.get(pk=server.pk).client_secret == SECRET
+
+    def test_values_and_exports_see_no_plaintext(self, server):
+        assert SECRET not in str(list(McpServer.objects.values("client_secret")))
+
+    def test_ciphertext_moved_to_another_row_does_not_decrypt(self, server, server_factory):
+        other = server_factory(slug="other", client_secret="another-secret")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE oauthproxy_mcpserver SET client_secret = %s WHERE id = %s",
+                [raw_secret_column(server), other.pk],
+            )
+        with pytest.raises(crypto.DecryptionError):
+            McpServer.objects.get(pk=other.pk).client_secret  # noqa: B018
+
+    def test_tampered_ciphertext_is_refused(self, server):
+        raw = raw_secret_column(server)
+        tampered = raw[:-4] + ("AAAA" if not raw.endswith("AAAA") else "BBBB")
+        McpServer.objects.filter(pk=server.pk).update(client_secret=tampered)
+        with pytest.raises(crypto.DecryptionError):
+            McpServer.objects.get(pk=server.pk).client_secret  # noqa: B018
+
+    def test_plaintext_cannot_be_written_around_save(self, server):
+        with pytest.raises(ValueError):
+            McpServer.objects.filter(pk=server.pk).update(client_secret="plain")
+
+    def test_unknown_key_is_reported(self, server, settings):
+        settings.PROXY_ENCRYPTION_KEYS = [new_key()]
+        with pytest.raises(crypto.DecryptionError, match="no configured key"):
+            McpServer.objects.get(pk=server.pk).client_secret  # noqa: B018
+
+
+@pytest.mark.django_db
+def test_rotation_re_encrypts_under_newest_key(server, settings, capsys):
+    old_key_id = crypto.key_id_of(raw_secret_column(server))
+    settings.PROXY_ENCRYPTION_KEYS = [new_key(), *settings.PROXY_ENCRYPTION_KEYS]
+    call_command("rotate_encryption_keys")
+    rotated = raw_secret_column(server)
+    assert crypto.key_id_of(rotated) == crypto.current_key_id() != old_key_id
+    assert "re-encrypted 1 row" in capsys.readouterr().out
+    # The old key can now be dropped.
+    settings.PROXY_ENCRYPTION_KEYS = settings.PROXY_ENCRYPTION_KEYS[:1]
+    assert McpServer.objects.get(pk=server.pk).client_secret == SECRET
+    # Running it again changes nothing.
+    call_command("rotate_encryption_keys")
+    assert raw_secret_column(server) == rotated
