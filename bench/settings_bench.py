@@ -12,14 +12,18 @@ import os
 
 from proxy_site.settings.production import *  # noqa: F401,F403
 
-OAUTHPROXY_RATE_LIMITS = {
-    "register:ip": (10**9, 60),
-    "authorize:client": (10**9, 60),
-    "token:client": (10**9, 60),
-    "token:ip": (10**9, 60),
-    "introspect:credential": (10**9, 60),
+OAUTHPROXY = {  # noqa: F405
+    **OAUTHPROXY,  # noqa: F405
+    "RATE_LIMITS": {
+        "register:ip": (10**9, 60),
+        "authorize:client": (10**9, 60),
+        "token:client": (10**9, 60),
+        "token:ip": (10**9, 60),
+        "introspect:credential": (10**9, 60),
+    },
+    "CLIENT_UPSTREAM_PER_MINUTE": 10**9,
+    "CLIENT_UPSTREAM_PER_DAY": 10**9,
 }
-OAUTHPROXY_CLIENT_QUOTAS = {"PER_MINUTE": 10**9, "PER_DAY": 10**9}
 
 if os.environ.get("BENCH_CACHE_PREFIX") and "KEY_PREFIX" in CACHES["default"]:  # noqa: F405
     CACHES["default"]["KEY_PREFIX"] = os.environ["BENCH_CACHE_PREFIX"]  # noqa: F405

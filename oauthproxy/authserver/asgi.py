@@ -40,13 +40,13 @@ from django.urls import Resolver404, ResolverMatch, get_resolver
 from oauthproxy.core.asgi import BodyTooLarge, body_read
 from oauthproxy.core.exceptions import InvalidRequest, oauth_error_response
 from oauthproxy.core.middleware import database_unavailable_response
+from oauthproxy.core.settings import proxy_settings
 
 logger = logging.getLogger(__name__)
 
 PROGRAM_URL_NAMES = frozenset({"oauth-token", "oauth-revoke", "oauth-register", "oauth-introspect"})
 PAGE_URL_NAMES = frozenset({"oauth-authorize", "oauth-consent", "oauth-callback"})
 _CANDIDATE_PATH = re.compile(r"^/oauth/[^/]+/(?:token|revoke|register|introspect|authorize|consent|callback)$")
-DEFAULT_THREADS = 16  # per process; requests beyond it queue here (the database pool bounds them anyway)
 
 _executor: ThreadPoolExecutor | None = None
 _page_handler_instance: BaseHandler | None = None
@@ -100,7 +100,7 @@ def direct_endpoint_threads_shutdown() -> None:
 def _threads() -> ThreadPoolExecutor:
     global _executor
     if _executor is None:
-        size = (getattr(settings, "OAUTHPROXY", None) or {}).get("DIRECT_ENDPOINT_THREADS", DEFAULT_THREADS)
+        size = proxy_settings.DIRECT_ENDPOINT_THREADS
         _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="oauth-endpoint")
     return _executor
 

@@ -39,7 +39,6 @@ from datetime import datetime, timedelta
 from functools import cache
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
@@ -60,6 +59,7 @@ from oauthproxy.core.exceptions import (
     UpstreamError,
 )
 from oauthproxy.core.ratelimit import rate_limit_hit
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import db_values, row_instance, select_list
 from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
 from oauthproxy.grants.sessions import subject_learn, upstream_session_create
@@ -324,7 +324,7 @@ def authorization_begin(*, auth_request: AuthorizationRequest, browser_key: str,
         code_challenge_method="S256",
         scope=" ".join(auth_request.scopes),
         resource=auth_request.resource,
-        expires_at=now + timedelta(seconds=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"]),
+        expires_at=now + timedelta(seconds=proxy_settings.UPSTREAM_STATE_LIFETIME),
     )
     metrics.authorization_started(server=auth_request.server.slug)
     if not browser_is_new and consent_is_remembered(
@@ -411,7 +411,7 @@ def consent_details(*, pending: PendingAuthorization) -> ConsentDetails:
             redirect_host += f":{parts.port}"
     else:  # private-use scheme (RFC 8252 §7.1), e.g. com.example.app:/callback
         redirect_host = f"{parts.scheme}:"
-    remember_seconds = settings.OAUTHPROXY["CONSENT_REMEMBER_SECONDS"]
+    remember_seconds = proxy_settings.CONSENT_REMEMBER_SECONDS
     return ConsentDetails(
         server_name=server.name,
         client_name=_client_name(client),
@@ -439,7 +439,7 @@ def authorization_approve(*, pending: PendingAuthorization, remember: bool) -> s
         raise InvalidRequest("This authorization request was already answered or has expired.")
     _quota_consume(pending)  # before the row changes: a refused trip leaves the request open, as it was
     state, code_challenge = _upstream_state_assign(pending, now=now)
-    remember_seconds = settings.OAUTHPROXY["CONSENT_REMEMBER_SECONDS"]
+    remember_seconds = proxy_settings.CONSENT_REMEMBER_SECONDS
     remember = remember and remember_seconds > 0
     with transaction.atomic() if remember else nullcontext():
         if not _pending_approved(pending, now=now):
@@ -494,7 +494,7 @@ def _upstream_state_assign(pending: PendingAuthorization, *, now: datetime) -> t
     state = secrets.token_urlsafe(32)
     pending.state_checksum = checksum(state)
     pending.approved_at = now
-    pending.expires_at = now + timedelta(seconds=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"])
+    pending.expires_at = now + timedelta(seconds=proxy_settings.UPSTREAM_STATE_LIFETIME)
     code_challenge = None
     if pending.server.use_pkce:
         verifier, code_challenge = _pkce_pair()

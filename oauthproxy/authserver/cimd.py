@@ -15,11 +15,11 @@ to public addresses: the host is resolved when the connection is opened, *every*
 DOT's ``_ip_is_public`` (private, loopback, link-local/cloud metadata, NAT64/6to4/Teredo-embedded...), and
 the socket is connected to the address that was checked, while TLS still verifies the real host name. As
 the check and the connect use one resolution, DNS rebinding between them is not possible. Only with
-``OAUTHPROXY["CIMD_ALLOW_PRIVATE_ADDRESSES"]`` (tests, local development) are http URLs and private
+``proxy_settings.CIMD_ALLOW_PRIVATE_ADDRESSES`` (tests, local development) are http URLs and private
 addresses allowed.
 
 Client rows are read through a per-process cache (``caching.clients``: by server and ``client_id``, for
-``OAUTHPROXY["CLIENT_CACHE_SECONDS"]``, 5 s by default), as every authorize and token request looks its
+``proxy_settings.CLIENT_CACHE_SECONDS``, 5 s by default), as every authorize and token request looks its
 client up. What that means:
 
 - A save or delete of a client in this process drops its entry at once (and again on commit), so a client
@@ -44,7 +44,6 @@ from functools import cache as memoize
 from urllib.parse import urlsplit
 
 import requests
-from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -72,6 +71,7 @@ from oauthproxy.authserver.registration import (
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.caching import client_cache_key, clients
 from oauthproxy.core.exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_read, select_list
 from oauthproxy.models import AuditEvent, Client, McpServer
 
@@ -304,7 +304,7 @@ def _url_check(url: str) -> None:
 
 
 def _allow_private() -> bool:
-    return bool(settings.OAUTHPROXY["CIMD_ALLOW_PRIVATE_ADDRESSES"])
+    return bool(proxy_settings.CIMD_ALLOW_PRIVATE_ADDRESSES)
 
 
 def _is_utf8(text: str) -> bool:

@@ -6,7 +6,7 @@ What may be registered:
 - ``http://`` only on a loopback host (``localhost``, ``127.0.0.1``, ``[::1]``; RFC 8252 §7.3, §8.3);
 - private-use schemes (RFC 8252 §7.1) in reverse-domain form, e.g. ``com.example.app:/callback``: the
   scheme must contain a dot. Single-word schemes some clients use (``cursor://...``) are accepted
-  only when the operator lists them in ``OAUTHPROXY["REDIRECT_URI_EXTRA_SCHEMES"]``;
+  only when the operator lists them in ``proxy_settings.REDIRECT_URI_EXTRA_SCHEMES``;
 - never ``javascript:``, ``data:``, ``file:``, ``vbscript:`` (or other browser-internal schemes), never a
   fragment, never userinfo (``https://user@host/``), never whitespace or control characters.
 
@@ -19,12 +19,12 @@ comparison is django-oauth-toolkit's own (``check_redirect_to_uri_allowed``, wit
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from oauth2_provider.models import check_redirect_to_uri_allowed
 from oauth2_provider.validators import AllowedURIValidator
 
 from oauthproxy.core.exceptions import InvalidRedirectUri
+from oauthproxy.core.settings import proxy_settings
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # Browser-internal or script-executing schemes: refused even if an operator lists them as extra schemes.
@@ -132,7 +132,7 @@ def redirect_uri_scheme_is_private_use(scheme: str) -> bool:
     scheme = scheme.lower()
     if scheme in FORBIDDEN_SCHEMES or scheme in ("http", "https"):
         return False
-    extra = {s.lower() for s in settings.OAUTHPROXY.get("REDIRECT_URI_EXTRA_SCHEMES", ())}
+    extra = {s.lower() for s in proxy_settings.REDIRECT_URI_EXTRA_SCHEMES}
     return "." in scheme or scheme in extra
 
 

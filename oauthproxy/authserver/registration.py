@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.conf import settings
 from django.contrib.auth.hashers import check_password
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
@@ -32,6 +31,7 @@ from oauthproxy.core.exceptions import (
     InvalidToken,
     RateLimited,
 )
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_insert
 from oauthproxy.models import AuditEvent, Client, McpServer
 
@@ -275,7 +275,7 @@ def client_registration_capacity_check(*, server: McpServer, expire_unused_first
     With *expire_unused_first*, unused registrations are expired (at most once a minute per deployment)
     before each count, so that the count sees the room they leave.
     """
-    limit = settings.OAUTHPROXY["MAX_REGISTRATIONS_PER_SERVER"]
+    limit = proxy_settings.MAX_REGISTRATIONS_PER_SERVER
     if not limit:
         if expire_unused_first:
             _clients_expire_unused_now_and_then()
@@ -310,7 +310,7 @@ def clients_expire_unused(*, older_than_seconds: int | None = None) -> int:
 
     CIMD clients come back on their next use by fetching their document again.
     """
-    ttl = settings.OAUTHPROXY["UNUSED_REGISTRATION_TTL"] if older_than_seconds is None else older_than_seconds
+    ttl = proxy_settings.UNUSED_REGISTRATION_TTL if older_than_seconds is None else older_than_seconds
     cutoff = timezone.now() - timedelta(seconds=ttl)
     stale = Client.objects.filter(
         registration_source__in=SELF_SERVE_SOURCES,

@@ -1,13 +1,13 @@
 """Per-process caches of rows that nearly every request reads and that change rarely.
 
 ``TTLCache`` is the building block (the gateway's token and server caches use it too). The MCP server of
-the URL is read by every OAuth request; ``server_cached`` keeps it for ``OAUTHPROXY["SERVER_CACHE_SECONDS"]``
+the URL is read by every OAuth request; ``server_cached`` keeps it for ``proxy_settings.SERVER_CACHE_SECONDS``
 (5 s by default). A save or delete in this process clears it at once (``post_save``/``post_delete``
 signals, wired in ``apps.py``); other processes see the change within the TTL, as they see revocations at
 the gateway. Callers get their own copy of the cached instance, so nothing a request sets on it leaks.
 
 ``clients`` keeps the client rows that ``services.cimd.client_resolve`` looks up on every authorize and
-token request, by (server id, ``client_id``), for ``OAUTHPROXY["CLIENT_CACHE_SECONDS"]`` (5 s by default);
+token request, by (server id, ``client_id``), for ``proxy_settings.CLIENT_CACHE_SECONDS`` (5 s by default);
 ``client_cache_forget`` drops a client's entry when it is saved or deleted in this process, and again when
 that transaction commits (see ``services/cimd.py`` for what the cache may and may not decide).
 """
@@ -21,13 +21,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from django.conf import settings
 from django.db import transaction
+
+from oauthproxy.core.settings import proxy_settings
 
 T = TypeVar("T")
 
-DEFAULT_SERVER_CACHE_SECONDS = 5.0
-DEFAULT_CLIENT_CACHE_SECONDS = 5.0
 _MISSING = object()
 
 
@@ -73,16 +72,16 @@ class TTLCache(Generic[T]):
 class ModelCache(Generic[T]):
     """Model instances (or ``None`` for "no such row") by key, loaded on a miss, copied on the way out."""
 
-    def __init__(self, *, maxsize: int, setting: str, default_seconds: float):
+    def __init__(self, *, maxsize: int, setting: str):
         self._entries: TTLCache[object] = TTLCache(maxsize=maxsize)
-        self._setting, self._default_seconds = setting, default_seconds
+        self._setting = setting  # the proxy setting holding the time to live, in seconds
 
     def get(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
         cached = self._entries.get(key)
         if cached is None:
             loaded = load()
             cached = _MISSING if loaded is None else loaded
-            ttl = (getattr(settings, "OAUTHPROXY", None) or {}).get(self._setting, self._default_seconds)
+            ttl = getattr(proxy_settings, self._setting)
             if ttl > 0:
                 self._entries.set(key, cached, ttl=ttl)
         return None if cached is _MISSING else copy.copy(cached)
@@ -91,7 +90,7 @@ class ModelCache(Generic[T]):
         self._entries.clear()
 
 
-servers = ModelCache(maxsize=1000, setting="SERVER_CACHE_SECONDS", default_seconds=DEFAULT_SERVER_CACHE_SECONDS)
+servers = ModelCache(maxsize=1000, setting="SERVER_CACHE_SECONDS")
 
 
 def server_cache_clear(**_signal_kwargs) -> None:
@@ -115,9 +114,7 @@ class KeyedModelCache(ModelCache[T]):
         self._entries.pop(key)
 
 
-clients: KeyedModelCache = KeyedModelCache(
-    maxsize=10_000, setting="CLIENT_CACHE_SECONDS", default_seconds=DEFAULT_CLIENT_CACHE_SECONDS
-)
+clients: KeyedModelCache = KeyedModelCache(maxsize=10_000, setting="CLIENT_CACHE_SECONDS")
 
 
 def client_cache_key(*, server_id, client_id: str) -> tuple:

@@ -14,10 +14,10 @@ cache backends (local memory in tests and ``make run``) count with ``add`` and `
 import hashlib
 import time
 
-from django.conf import settings
 from django.core.cache import cache
 
 from oauthproxy.core.exceptions import RateLimited
+from oauthproxy.core.settings import proxy_settings
 
 DEFAULT_LIMITS = {
     # name: (requests, window seconds)
@@ -30,7 +30,7 @@ DEFAULT_LIMITS = {
 
 
 def _limit(name: str) -> tuple[int, int]:
-    overrides = getattr(settings, "OAUTHPROXY_RATE_LIMITS", {}) or {}
+    overrides = proxy_settings.RATE_LIMITS or {}
     return overrides.get(name, DEFAULT_LIMITS[name])
 
 

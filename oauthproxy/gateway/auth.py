@@ -5,7 +5,7 @@ live proxy token for that server, and which upstream access token to send on. Al
 the database once and then kept in per-process memory:
 
 - validated tokens, keyed by the SHA-256 of the raw token (the same checksum the database stores), for
-  a few seconds (``OAUTHPROXY["GATEWAY_CACHE_SECONDS"]``, default 5) in a bounded LRU;
+  a few seconds (``proxy_settings.GATEWAY_CACHE_SECONDS``, default 5) in a bounded LRU;
 - the upstream credential of each upstream session (plaintext upstream access token and when it is
   due), refreshed through ``upstream_session_ensure_fresh`` only when due or refused by the internal
   server. It lives in this process only, never in Redis or any other shared cache.
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db import close_old_connections
 
 from oauthproxy.core.caching import TTLCache
 from oauthproxy.core.exceptions import InvalidToken, OAuthError
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
 from oauthproxy.models import AccessToken, UpstreamSession
 
@@ -48,8 +48,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DEFAULT_CACHE_SECONDS = 5.0
-DEFAULT_TOKEN_CACHE_SIZE = 10_000
+TOKEN_CACHE_SIZE = 10_000
 # When a due refresh fails but the upstream token is still valid, use it and retry the refresh after
 # this many seconds, rather than on every request while the upstream is down.
 REFRESH_RETRY_SECONDS = 5.0
@@ -163,7 +162,7 @@ def _with_connection_hygiene(fn: Callable[..., T], *args: Any, **kwargs: Any) ->
 def cache_seconds() -> float:
     """How long a validated token is trusted without looking at the database again: the bound on how
     late a revocation takes effect at the gateway."""
-    return float(settings.OAUTHPROXY.get("GATEWAY_CACHE_SECONDS", DEFAULT_CACHE_SECONDS))
+    return float(proxy_settings.GATEWAY_CACHE_SECONDS)
 
 
 # -- validated tokens --------------------------------------------------------------------------------
@@ -200,9 +199,9 @@ class UpstreamCredential:
 _UNKNOWN = _Refused("The access token is unknown, revoked or expired.")
 _SESSION_ENDED = _Refused("The session ended; authorize again.")
 
-_tokens: TTLCache[TokenGrant | _Refused] = TTLCache(maxsize=DEFAULT_TOKEN_CACHE_SIZE)
+_tokens: TTLCache[TokenGrant | _Refused] = TTLCache(maxsize=TOKEN_CACHE_SIZE)
 # Per upstream session; _SESSION_ENDED marks a session found ended, so its other tokens are refused at once.
-_credentials: TTLCache[UpstreamCredential | _Refused] = TTLCache(maxsize=DEFAULT_TOKEN_CACHE_SIZE)
+_credentials: TTLCache[UpstreamCredential | _Refused] = TTLCache(maxsize=TOKEN_CACHE_SIZE)
 _token_loads = SingleFlight()
 _credential_loads = SingleFlight()
 
@@ -346,7 +345,7 @@ def _credential_of(session: UpstreamSession) -> UpstreamCredential:
     # or only at expiry when there is no refresh token to refresh with.
     expires_at = session.expires_at.timestamp() if session.expires_at is not None else math.inf
     if session.refresh_token:
-        refresh_at = expires_at - settings.OAUTHPROXY["UPSTREAM_REFRESH_MARGIN"]
+        refresh_at = expires_at - proxy_settings.UPSTREAM_REFRESH_MARGIN
     else:
         refresh_at = expires_at
     return UpstreamCredential(access_token=session.access_token, refresh_at=refresh_at, expires_at=expires_at)

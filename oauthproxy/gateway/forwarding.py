@@ -22,7 +22,6 @@ from urllib.parse import quote
 from uuid import UUID
 
 import aiohttp
-from django.conf import settings
 from django.utils.module_loading import import_string
 from yarl import URL
 
@@ -34,6 +33,7 @@ from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imp
     gateway_upstream_pool,
     gateway_upstream_pool_close,
 )
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.gateway.auth import (
     SingleFlight,
     TokenGrant,
@@ -46,16 +46,6 @@ from oauthproxy.gateway.auth import (
 from oauthproxy.models import McpServer
 
 logger = logging.getLogger(__name__)
-
-# Defaults; a deployment overrides each with OAUTHPROXY["GATEWAY_<NAME>"] (e.g. GATEWAY_READ_TIMEOUT).
-SERVER_CACHE_SECONDS = 30.0  # how long a worker keeps a server's configuration
-CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the internal server
-READ_TIMEOUT = 120.0  # POST/DELETE: seconds to the response headers, and between two body chunks
-WRITE_TIMEOUT = 30.0  # seconds to send the request body
-POOL_TIMEOUT = 5.0  # seconds to wait for a free connection when MAX_CONNECTIONS are in use
-STREAM_KEEPALIVE_SECONDS = 15.0  # GET SSE: send the client an SSE comment after this much silence
-STREAM_IDLE_TIMEOUT = 600.0  # GET SSE: close the stream after this long without a byte from upstream
-MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the largest request body the gateway forwards
 
 # Fixed per process (and gateway_http.MAX_CONNECTIONS, KEEPALIVE_EXPIRY).
 BUFFERED_RESPONSE_BYTES = 1024 * 1024  # non-SSE answers up to this size are read whole, then sent
@@ -74,12 +64,8 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 _SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
-def _setting(name: str, default: float) -> float:
-    return float(settings.OAUTHPROXY.get(f"GATEWAY_{name}", default))
-
-
 def max_request_bytes() -> int:
-    return int(_setting("MAX_REQUEST_BYTES", MAX_REQUEST_BYTES))
+    return int(proxy_settings.GATEWAY_MAX_REQUEST_BYTES)
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -130,7 +116,7 @@ _server_loads = SingleFlight()
 async def gateway_server_get(*, slug: str) -> GatewayServer | None:
     """The enabled server with this slug (``None``: unknown or disabled), from a per-process cache.
 
-    Configuration changes reach the gateway within ``OAUTHPROXY["GATEWAY_SERVER_CACHE_SECONDS"]`` (30 s
+    Configuration changes reach the gateway within ``proxy_settings.SERVER_CACHE_SECONDS`` (5 s
     by default). Disabling a server stops its tokens sooner: token validation re-reads the server with
     the token, every ``GATEWAY_CACHE_SECONDS``.
     """
@@ -143,16 +129,16 @@ async def gateway_server_get(*, slug: str) -> GatewayServer | None:
 async def _server_load(slug: str) -> GatewayServer | object:
     server = await run_in_db_thread(lambda: McpServer.objects.enabled().filter(slug=slug).first(), cache_load=True)
     snapshot = gateway_server_snapshot(server) if server is not None else _UNKNOWN_SERVER
-    _servers.set(slug, snapshot, ttl=_setting("SERVER_CACHE_SECONDS", SERVER_CACHE_SECONDS))
+    _servers.set(slug, snapshot, ttl=float(proxy_settings.SERVER_CACHE_SECONDS))
     return snapshot
 
 
 def gateway_server_snapshot(server: McpServer) -> GatewayServer:
     """The gateway's view of a server. Timeouts are per server; today every server gets the
-    deployment's values (the GATEWAY_* settings, defaults above)."""
-    connect = _setting("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
-    read = _setting("READ_TIMEOUT", READ_TIMEOUT)
-    write = _setting("WRITE_TIMEOUT", WRITE_TIMEOUT)
+    deployment's values (the GATEWAY_* settings)."""
+    connect = float(proxy_settings.GATEWAY_CONNECT_TIMEOUT)
+    read = float(proxy_settings.GATEWAY_READ_TIMEOUT)
+    write = float(proxy_settings.GATEWAY_WRITE_TIMEOUT)
     url, host_header = _parse_mcp_url(server.mcp_url)
     return GatewayServer(
         id=server.id,
@@ -165,7 +151,7 @@ def gateway_server_snapshot(server: McpServer) -> GatewayServer:
         url=url,
         host_header=host_header,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
-        # The relay bounds an idle stream instead (STREAM_IDLE_TIMEOUT).
+        # The relay bounds an idle stream instead (GATEWAY_STREAM_IDLE_TIMEOUT).
         stream_timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
         stream_open_timeout=read,
         write_timeout=write,
@@ -189,11 +175,11 @@ def _parse_mcp_url(mcp_url: str) -> tuple[URL | None, str]:
 def gateway_required_scopes(server: McpServer) -> Iterable[str]:
     """Scopes a token must carry at this server's gateway, else ``403 insufficient_scope`` (MCP step-up).
 
-    None by default. ``OAUTHPROXY["GATEWAY_REQUIRED_SCOPES"]`` may name a function ``(server) ->
+    None by default. ``proxy_settings.GATEWAY_REQUIRED_SCOPES`` may name a function ``(server) ->
     iterable of scopes`` (a dotted path, like django-oauth-toolkit's swap points) for deployments that
     need step-up.
     """
-    hook = settings.OAUTHPROXY.get("GATEWAY_REQUIRED_SCOPES")
+    hook = proxy_settings.GATEWAY_REQUIRED_SCOPES
     if not hook:
         return ()
     return import_string(hook)(server) if isinstance(hook, str) else hook(server)
@@ -341,7 +327,7 @@ async def _send(
 ) -> UpstreamResponse:
     headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
     pool = gateway_upstream_pool()
-    pool_timeout = _setting("POOL_TIMEOUT", POOL_TIMEOUT)
+    pool_timeout = float(proxy_settings.GATEWAY_POOL_TIMEOUT)
     try:
         if method == "GET":
             # The long-lived SSE stream: no read timeout once it is open, but its headers are bounded.
@@ -425,8 +411,8 @@ async def _with_keepalive(stream: AsyncIterable[bytes]) -> AsyncGenerator[bytes,
     """A GET SSE stream with an SSE comment sent whenever the internal server is silent for a while, so
     load balancers keep the connection; closed after ``STREAM_IDLE_TIMEOUT`` of silence (the client
     reconnects, resuming with Last-Event-ID). The pending read is never cancelled between keep-alives."""
-    interval = _setting("STREAM_KEEPALIVE_SECONDS", STREAM_KEEPALIVE_SECONDS)
-    idle_limit = _setting("STREAM_IDLE_TIMEOUT", STREAM_IDLE_TIMEOUT)
+    interval = float(proxy_settings.GATEWAY_STREAM_KEEPALIVE_SECONDS)
+    idle_limit = float(proxy_settings.GATEWAY_STREAM_IDLE_TIMEOUT)
     loop = asyncio.get_running_loop()
     chunks = aiter(stream)
     pending: asyncio.Future | None = None

@@ -7,27 +7,24 @@ cost an upstream call (a login sent upstream, an upstream token refresh).
 
 Counters live on the shared cache (Redis in production), in fixed windows aligned to the epoch (the day
 window is the UTC day), so every process and host counts against the same budget. Limits come from the
-server (``client_upstream_rate_limit``, ``client_upstream_daily_quota``), else from the setting
-``OAUTHPROXY_CLIENT_QUOTAS`` (``{"PER_MINUTE": n, "PER_DAY": n}``), else from the defaults below;
-0 means unlimited.
+server (``client_upstream_rate_limit``, ``client_upstream_daily_quota``), else from the settings
+``proxy_settings.CLIENT_UPSTREAM_PER_MINUTE`` and ``CLIENT_UPSTREAM_PER_DAY``; 0 means unlimited.
 """
 
 import time
 from dataclasses import dataclass, field
 
-from django.conf import settings
 from django.core.cache import cache
 
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.exceptions import RateLimited
 from oauthproxy.core.ratelimit import counters_add
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import AuditEvent, Client
 
 OPERATIONS = ("authorize", "refresh")
 """``authorize``: a user is sent to the upstream login (the code exchange follows from it);
 ``refresh``: the proxy refreshes an upstream token."""
-
-DEFAULT_QUOTAS = {"PER_MINUTE": 120, "PER_DAY": 20000}
 
 WINDOWS = (("minute", 60), ("day", 86400))
 
@@ -67,12 +64,11 @@ class QuotaWindowUsage:
 
 def quota_limits(*, server) -> dict[str, int]:
     """The per-client limits of a server: ``{"minute": n, "day": n}``; 0 is unlimited."""
-    configured = {**DEFAULT_QUOTAS, **(getattr(settings, "OAUTHPROXY_CLIENT_QUOTAS", None) or {})}
     per_minute = server.client_upstream_rate_limit
     per_day = server.client_upstream_daily_quota
     return {
-        "minute": int(configured["PER_MINUTE"] if per_minute is None else per_minute),
-        "day": int(configured["PER_DAY"] if per_day is None else per_day),
+        "minute": int(proxy_settings.CLIENT_UPSTREAM_PER_MINUTE if per_minute is None else per_minute),
+        "day": int(proxy_settings.CLIENT_UPSTREAM_PER_DAY if per_day is None else per_day),
     }
 
 

@@ -8,12 +8,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from oauthproxy.core.audit import audit_event, audit_logged, audit_record
 from oauthproxy.core.exceptions import UpstreamError
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import row_update
 from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
 from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
@@ -73,7 +73,7 @@ def upstream_token_is_due(session: UpstreamSession, *, margin: int | None = None
     if session.expires_at is None:
         return False
     if margin is None:
-        margin = settings.OAUTHPROXY["UPSTREAM_REFRESH_MARGIN"]
+        margin = proxy_settings.UPSTREAM_REFRESH_MARGIN
     now = timezone.now()
     if not session.refresh_token:
         return session.expires_at <= now

@@ -11,6 +11,7 @@ from django.core.validators import RegexValidator
 from django.db import models
 
 from oauthproxy.core.fields import EncryptedTextField
+from oauthproxy.core.settings import proxy_settings
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -132,7 +133,7 @@ class McpServer(models.Model):
     )
     # Shared-quota protection (DESIGN §1): the upstream's rate limits apply to the one shared client, so
     # each MCP client gets its own budget of upstream-touching operations (logins sent upstream, upstream
-    # token refreshes). Empty: the deployment default (OAUTHPROXY_CLIENT_QUOTAS); 0: unlimited.
+    # token refreshes). Empty: the deployment default (CLIENT_UPSTREAM_PER_MINUTE/_PER_DAY); 0: unlimited.
     client_upstream_rate_limit = models.PositiveIntegerField(
         "upstream operations per client per minute",
         null=True,
@@ -186,11 +187,11 @@ class McpServer(models.Model):
 
     @property
     def effective_access_token_lifetime(self) -> int:
-        return self.access_token_lifetime or settings.OAUTHPROXY["ACCESS_TOKEN_LIFETIME"]
+        return self.access_token_lifetime or proxy_settings.ACCESS_TOKEN_LIFETIME
 
     @property
     def effective_refresh_token_lifetime(self) -> int:
-        return self.refresh_token_lifetime or settings.OAUTHPROXY["REFRESH_TOKEN_LIFETIME"]
+        return self.refresh_token_lifetime or proxy_settings.REFRESH_TOKEN_LIFETIME
 
     def clean(self) -> None:
         errors: dict[str, list[str]] = {}

@@ -15,13 +15,13 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import jwt
 import requests
-from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 from requests.adapters import HTTPAdapter
 
 from oauthproxy.core import metrics
 from oauthproxy.core.exceptions import UpstreamError
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,11 @@ def http_session() -> requests.Session:
 
 
 def _timeouts() -> tuple[float, float]:
-    conf = settings.OAUTHPROXY
-    return conf["UPSTREAM_CONNECT_TIMEOUT"], conf["UPSTREAM_READ_TIMEOUT"]
+    return proxy_settings.UPSTREAM_CONNECT_TIMEOUT, proxy_settings.UPSTREAM_READ_TIMEOUT
 
 
 def _read_json(response: requests.Response, *, what: str) -> dict:
-    limit = settings.OAUTHPROXY["UPSTREAM_MAX_RESPONSE_BYTES"]
+    limit = proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES
     body = response.raw.read(limit + 1, decode_content=True) if response.raw is not None else response.content
     if len(body) > limit:
         raise UpstreamError(f"{what}: response larger than {limit} bytes", oauth_error="server_error")

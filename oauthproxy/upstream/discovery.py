@@ -20,6 +20,7 @@ import requests
 from django.conf import settings
 
 from oauthproxy.console.servers import server_save
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 from oauthproxy.models.servers import AUTH_METHODS
 from oauthproxy.upstream.client import UpstreamClient, http_session
@@ -39,7 +40,7 @@ class DiscoveryError(Exception):
 # -- HTTP ------------------------------------------------------------------------------------------
 
 def _timeouts() -> tuple[float, float]:
-    return settings.OAUTHPROXY["UPSTREAM_CONNECT_TIMEOUT"], settings.OAUTHPROXY["UPSTREAM_READ_TIMEOUT"]
+    return proxy_settings.UPSTREAM_CONNECT_TIMEOUT, proxy_settings.UPSTREAM_READ_TIMEOUT
 
 
 def _describe_failure(exc: requests.RequestException, url: str) -> str:
@@ -52,7 +53,7 @@ def _describe_failure(exc: requests.RequestException, url: str) -> str:
 
 def _fetch_json(url: str) -> tuple[int, dict | None, str]:
     """GET a JSON document: (status, object or None, problem)."""
-    limit = settings.OAUTHPROXY["UPSTREAM_MAX_RESPONSE_BYTES"]
+    limit = proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES
     try:
         response = http_session().get(
             url, timeout=_timeouts(), allow_redirects=False, stream=True, headers={"Accept": "application/json"}

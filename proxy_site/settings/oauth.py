@@ -34,7 +34,8 @@ OAUTH2_PROVIDER = {
     "SCOPES": {},
 }
 
-# Proxy knobs (defaults per deployment; lifetimes can be overridden per server).
+# Proxy knobs read as oauthproxy.core.settings.proxy_settings.NAME (defaults and the full list there;
+# lifetimes can be overridden per server).
 OAUTHPROXY = {
     "ACCESS_TOKEN_LIFETIME": env_int("ACCESS_TOKEN_LIFETIME", 3600),
     "REFRESH_TOKEN_LIFETIME": env_int("REFRESH_TOKEN_LIFETIME", 30 * 24 * 3600),
@@ -61,11 +62,8 @@ OAUTHPROXY = {
     "CLIENT_CACHE_SECONDS": env_int("CLIENT_CACHE_SECONDS", 5),
     # Threads per process running the token, revoke, register and introspect endpoints (proxy_site/asgi.py).
     "DIRECT_ENDPOINT_THREADS": env_int("DIRECT_ENDPOINT_THREADS", 16),
-}
-
-# Per-client budget of upstream-touching operations (trips to the upstream login, upstream refreshes),
-# protecting the one shared upstream client's rate limits; each server may override; 0 is unlimited.
-OAUTHPROXY_CLIENT_QUOTAS = {
-    "PER_MINUTE": env_int("CLIENT_UPSTREAM_PER_MINUTE", 120),
-    "PER_DAY": env_int("CLIENT_UPSTREAM_PER_DAY", 20000),
+    # Per-client budget of upstream-touching operations (trips to the upstream login, upstream refreshes),
+    # protecting the one shared upstream client's rate limits; each server may override; 0 is unlimited.
+    "CLIENT_UPSTREAM_PER_MINUTE": env_int("CLIENT_UPSTREAM_PER_MINUTE", 120),
+    "CLIENT_UPSTREAM_PER_DAY": env_int("CLIENT_UPSTREAM_PER_DAY", 20000),
 }

@@ -133,7 +133,7 @@ class TestBeforeTheRedirectUriIsTrusted:
         assert_page(response, 400, "not registered")
 
     def test_rate_limit_is_a_page_with_retry_after(self, browser, server, mcp_client, settings):
-        settings.OAUTHPROXY_RATE_LIMITS = {"authorize:client": (2, 3600)}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"authorize:client": (2, 3600)}}
         statuses = [authorize(browser, server, mcp_client).status_code for _ in range(4)]
         assert statuses[:2] == [302, 302]
         limited = authorize(browser, server, mcp_client)
@@ -142,7 +142,7 @@ class TestBeforeTheRedirectUriIsTrusted:
         assert int(limited["Retry-After"]) > 0
 
     def test_rate_limit_is_per_client(self, browser, server, mcp_client, settings):
-        settings.OAUTHPROXY_RATE_LIMITS = {"authorize:client": (1, 3600)}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"authorize:client": (1, 3600)}}
         other = make_client(server, name="Other")
         assert authorize(browser, server, mcp_client).status_code == 302
         assert authorize(browser, server, mcp_client).status_code == 429
@@ -352,7 +352,7 @@ _NAMES = [
     keep_valid=st.booleans(),
 )
 def test_fuzzed_authorize_requests_never_fail_with_5xx(server, mcp_client, settings, overrides, keep_valid):
-    settings.OAUTHPROXY_RATE_LIMITS = {"authorize:client": (0, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"authorize:client": (0, 60)}}
     base = authorize_params(mcp_client, resource=RESOURCE) if keep_valid else {}
     query = {name: [value] for name, value in base.items()}
     query.update(overrides)

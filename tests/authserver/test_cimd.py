@@ -12,7 +12,7 @@ from django.utils import timezone
 from oauthproxy.authserver import cimd
 from oauthproxy.authserver.cimd import ClientMetadataDocumentError, client_id_is_metadata_url, client_resolve
 from oauthproxy.authserver.registration import RegistrationLimitReached
-from oauthproxy.core.caching import DEFAULT_CLIENT_CACHE_SECONDS
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.grants.revocation import client_delete, client_update
 from oauthproxy.models import AuditEvent, Client
 from tests.factories import make_client
@@ -395,7 +395,7 @@ class TestClientCache:
         client_resolve(server=server, client_id=client.client_id)
         Client.objects.filter(pk=client.pk).update(disabled=True)  # another process: no signal reaches this one
         now = time.monotonic()
-        monkeypatch.setattr(time, "monotonic", lambda: now + DEFAULT_CLIENT_CACHE_SECONDS + 0.1)
+        monkeypatch.setattr(time, "monotonic", lambda: now + proxy_settings.CLIENT_CACHE_SECONDS + 0.1)
         assert not client_resolve(server=server, client_id=client.client_id).is_usable(None)
 
     def test_no_cache_with_a_ttl_of_zero(self, server, settings):

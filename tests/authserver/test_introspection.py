@@ -150,7 +150,7 @@ class TestIntrospection:
         from django.core.cache import cache
 
         cache.clear()
-        settings.OAUTHPROXY_RATE_LIMITS = {"introspect:credential": (2, 60)}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"introspect:credential": (2, 60)}}
         for _ in range(2):
             assert introspect(http, server, credential, "x").status_code == 200
         response = introspect(http, server, credential, "x")

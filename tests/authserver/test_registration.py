@@ -375,7 +375,7 @@ FUZZ = hypothesis_settings(
 class TestRegisterNeverFails:
     @pytest.fixture(autouse=True)
     def _unlimited(self, settings):
-        settings.OAUTHPROXY_RATE_LIMITS = {"register:ip": (0, 60)}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"register:ip": (0, 60)}}
 
     @FUZZ
     @given(body=JSON | METADATA)
@@ -528,7 +528,7 @@ class TestClientConfiguration:
 @pytest.mark.django_db
 class TestLimits:
     def test_rate_limited_per_server_and_address(self, client, server, server_factory, settings):
-        settings.OAUTHPROXY_RATE_LIMITS = {"register:ip": (2, 60)}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"register:ip": (2, 60)}}
         server_factory(slug="billing", name="Billing")
         assert register(client, TYPESCRIPT_SDK_PUBLIC).status_code == 201
         assert register(client, TYPESCRIPT_SDK_PUBLIC).status_code == 201

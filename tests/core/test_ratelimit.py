@@ -63,7 +63,7 @@ def hits(name: str, key: str, n: int) -> int:
 
 
 def test_the_budget_of_a_window_then_429_until_the_window_ends(backend, clock, settings):
-    settings.OAUTHPROXY_RATE_LIMITS = {"register:ip": (3, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"register:ip": (3, 60)}}
     clock.now = START + 15
     assert hits("register:ip", "crm:192.0.2.1", 3) == 3
     with pytest.raises(RateLimited) as info:
@@ -77,7 +77,7 @@ def test_the_budget_of_a_window_then_429_until_the_window_ends(backend, clock, s
 
 
 def test_a_new_window_starts_a_new_budget(backend, clock, settings):
-    settings.OAUTHPROXY_RATE_LIMITS = {"token:client": (2, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"token:client": (2, 60)}}
     assert hits("token:client", "crm:abc", 5) == 2
     clock.now = START + 60
     assert hits("token:client", "crm:abc", 5) == 2
@@ -86,7 +86,7 @@ def test_a_new_window_starts_a_new_budget(backend, clock, settings):
 
 
 def test_keys_and_limits_are_counted_apart(backend, clock, settings):
-    settings.OAUTHPROXY_RATE_LIMITS = {"token:client": (1, 60), "token:ip": (1, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"token:client": (1, 60), "token:ip": (1, 60)}}
     assert hits("token:client", "crm:abc", 2) == 1
     assert hits("token:client", "crm:other", 2) == 1
     assert hits("token:client", "billing:abc", 2) == 1
@@ -94,20 +94,20 @@ def test_keys_and_limits_are_counted_apart(backend, clock, settings):
 
 
 def test_client_supplied_keys_of_any_shape(backend, clock, settings):
-    settings.OAUTHPROXY_RATE_LIMITS = {"authorize:client": (1, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"authorize:client": (1, 60)}}
     for key in ("crm:" + "x" * 5000, "crm:with spaces\nand\x00controls", "crm:\ud800", "crm:https://a.example/c"):
         assert hits("authorize:client", key, 2) == 1
 
 
 def test_a_zero_limit_counts_nothing(backend, clock, settings):
-    settings.OAUTHPROXY_RATE_LIMITS = {"register:ip": (0, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"register:ip": (0, 60)}}
     assert hits("register:ip", "crm:192.0.2.1", 100) == 100
 
 
 def test_redis_counters_expire_with_their_window(backend, clock, settings):
     if backend != "redis":
         pytest.skip("Redis only")
-    settings.OAUTHPROXY_RATE_LIMITS = {"register:ip": (10, 60)}
+    settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"register:ip": (10, 60)}}
     hits("register:ip", "crm:192.0.2.1", 3)
     client = cache.client.get_client(write=True)
     [key] = client.keys(cache.make_key("rl:*"))

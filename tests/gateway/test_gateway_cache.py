@@ -61,7 +61,7 @@ def test_revocation_takes_effect_within_the_cache_ttl(gateway, gateway_url, sett
 
 def test_disabling_a_server_stops_its_tokens_within_the_token_ttl_then_404(gateway, gateway_url, settings):
     settings.OAUTHPROXY = {
-        **settings.OAUTHPROXY, "GATEWAY_CACHE_SECONDS": 0.5, "GATEWAY_SERVER_CACHE_SECONDS": 1.5
+        **settings.OAUTHPROXY, "GATEWAY_CACHE_SECONDS": 0.5, "SERVER_CACHE_SECONDS": 1.5
     }
     assert post(gateway_url(), gateway.auth).status_code == 200
     gateway.server.enabled = False

@@ -118,13 +118,13 @@ class TestQuotaLimits:
         assert quota_limits(server=server) == {"minute": 120, "day": 20000}
 
     def test_settings_override_the_defaults_and_servers_override_settings(self, server, settings):
-        settings.OAUTHPROXY_CLIENT_QUOTAS = {"PER_MINUTE": 7}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "CLIENT_UPSTREAM_PER_MINUTE": 7}
         assert quota_limits(server=server) == {"minute": 7, "day": 20000}
         server.client_upstream_daily_quota = 9
         assert quota_limits(server=server) == {"minute": 7, "day": 9}
 
     def test_settings_limits_are_enforced(self, server, settings, clock):
-        settings.OAUTHPROXY_CLIENT_QUOTAS = {"PER_MINUTE": 1, "PER_DAY": 100}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "CLIENT_UPSTREAM_PER_MINUTE": 1, "CLIENT_UPSTREAM_PER_DAY": 100}
         client = make_client(server)
         quota_consume(client=client, operation="authorize")
         with pytest.raises(QuotaExceeded):

@@ -38,7 +38,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from oauth2_provider.models import set_token_value
@@ -51,6 +50,7 @@ from oauthproxy.authserver.cimd import client_resolve
 from oauthproxy.authserver.dot.rotation import rotation_write
 from oauthproxy.core.audit import audit_event
 from oauthproxy.core.exceptions import InvalidClient, InvalidRequest, OAuthError, UpstreamError
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_insert, rows_read, select_list
 from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
 from oauthproxy.models import AccessToken, AuditEvent, Client, Grant, McpServer, RefreshToken, UpstreamSession
@@ -59,8 +59,6 @@ SUPPORTED_GRANT_TYPES = ("authorization_code", "refresh_token")
 CONFIDENTIAL_METHODS = ("client_secret_basic", "client_secret_post")
 # RFC 7636 §4.1: 43 to 128 unreserved characters.
 _CODE_VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
-# An immediate retry of a redeemed code by the same client is refused without ending its session.
-DEFAULT_CODE_RETRY_SECONDS = 10
 
 
 def one_or_none(queryset):
@@ -351,7 +349,7 @@ class ProxyOAuth2Validator(OAuth2Validator):
         the first redemption, is told plainly and its tokens stay valid (a hosted client that calls the
         token endpoint twice, DESIGN §6); any other replay also ends the session the code created
         (RFC 6749 §4.1.2)."""
-        retry_seconds = _setting("CODE_RETRY_SECONDS", DEFAULT_CODE_RETRY_SECONDS)
+        retry_seconds = proxy_settings.CODE_RETRY_SECONDS
         verifier = request.code_verifier or ""
         is_retry = (
             timezone.now() - grant.redeemed_at <= timedelta(seconds=retry_seconds)
@@ -604,6 +602,3 @@ def _refresh_token_sql() -> str:
         f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s AND r.{session_id} = %s LIMIT 1"
     )
 
-
-def _setting(name: str, default):
-    return (getattr(settings, "OAUTHPROXY", None) or {}).get(name, default)

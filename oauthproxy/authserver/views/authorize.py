@@ -18,6 +18,7 @@ from oauthproxy.authserver.authorization import (
 )
 from oauthproxy.core.exceptions import OAuthError, RateLimited
 from oauthproxy.core.servers import server_get_enabled
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 
 BROWSER_COOKIE = "oauthproxy_browser"
@@ -92,11 +93,10 @@ def browser_key_from_request(request: HttpRequest) -> str | None:
 def browser_cookie_set(response: HttpResponse, request: HttpRequest, key: str) -> None:
     """The key binding flows (and remembered consent) to this browser. Lax so the upstream's top-level
     redirect to our callback carries it; HttpOnly; Secure whenever the public URL is https."""
-    conf = settings.OAUTHPROXY
     response.set_cookie(
         BROWSER_COOKIE,
         key,
-        max_age=max(conf["CONSENT_REMEMBER_SECONDS"], conf["UPSTREAM_STATE_LIFETIME"] * 2),
+        max_age=max(proxy_settings.CONSENT_REMEMBER_SECONDS, proxy_settings.UPSTREAM_STATE_LIFETIME * 2),
         path=BROWSER_COOKIE_PATH,
         secure=request.is_secure() or settings.PUBLIC_BASE_URL.startswith("https://"),
         httponly=True,

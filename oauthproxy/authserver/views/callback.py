@@ -14,6 +14,7 @@ from oauthproxy.authserver.authorization import authorization_complete
 from oauthproxy.authserver.views.authorize import ClientRedirect, browser_key_from_request, error_page, not_found_page
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import server_get_enabled
+from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 
 TRY_IT_COOKIE = "oauthproxy_try_it"
@@ -25,7 +26,7 @@ def try_it_cookie_set(response: HttpResponse, request: HttpRequest, *, server: M
     response.set_cookie(
         TRY_IT_COOKIE,
         key,
-        max_age=settings.OAUTHPROXY["UPSTREAM_STATE_LIFETIME"],
+        max_age=proxy_settings.UPSTREAM_STATE_LIFETIME,
         path=f"/oauth/{server.slug}/callback",
         secure=request.is_secure() or settings.PUBLIC_BASE_URL.startswith("https://"),
         httponly=True,
