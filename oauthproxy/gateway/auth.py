@@ -40,7 +40,7 @@ from django.db import close_old_connections
 from oauthproxy.core.caching import TTLCache
 from oauthproxy.core.exceptions import InvalidToken, OAuthError
 from oauthproxy.core.settings import proxy_settings
-from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
+from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh, upstream_token_due_at
 from oauthproxy.models import AccessToken, UpstreamSession
 
 if TYPE_CHECKING:
@@ -341,11 +341,7 @@ def _credential_read_fresh(session_id: UUID, rejected_access_token: str | None) 
 
 
 def _credential_of(session: UpstreamSession) -> UpstreamCredential:
-    # The same rule as upstream_token_is_due, as a point in time: refresh `margin` seconds before expiry,
-    # or only at expiry when there is no refresh token to refresh with.
     expires_at = session.expires_at.timestamp() if session.expires_at is not None else math.inf
-    if session.refresh_token:
-        refresh_at = expires_at - proxy_settings.UPSTREAM_REFRESH_MARGIN
-    else:
-        refresh_at = expires_at
+    due_at = upstream_token_due_at(session)
+    refresh_at = due_at.timestamp() if due_at is not None else math.inf
     return UpstreamCredential(access_token=session.access_token, refresh_at=refresh_at, expires_at=expires_at)

@@ -6,7 +6,7 @@ and ending it.
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
@@ -67,17 +67,26 @@ def upstream_session_create(
     return session
 
 
-def upstream_token_is_due(session: UpstreamSession, *, margin: int | None = None) -> bool:
-    """Due when it expires within the margin. A session whose refresh token is missing is due only when
-    actually expired (refreshing early is impossible; ending it early would cut users off)."""
+def upstream_token_due_at(session: UpstreamSession, *, margin: int | None = None) -> datetime | None:
+    """THE "upstream refresh is due" rule, as the moment the session's upstream token becomes due
+    (``None``: never, the upstream gave no expiry). Due ``margin`` seconds
+    (``proxy_settings.UPSTREAM_REFRESH_MARGIN``) before it expires; a session whose refresh token is
+    missing is due only when actually expired (refreshing early is impossible; ending it early would cut
+    users off). The gateway caches this moment (``gateway.auth``); everyone else asks
+    ``upstream_token_is_due``."""
     if session.expires_at is None:
-        return False
+        return None
+    if not session.refresh_token:
+        return session.expires_at
     if margin is None:
         margin = proxy_settings.UPSTREAM_REFRESH_MARGIN
-    now = timezone.now()
-    if not session.refresh_token:
-        return session.expires_at <= now
-    return session.expires_at <= now + timedelta(seconds=margin)
+    return session.expires_at - timedelta(seconds=margin)
+
+
+def upstream_token_is_due(session: UpstreamSession, *, margin: int | None = None) -> bool:
+    """Whether the session's upstream token is due for a refresh now (``upstream_token_due_at``)."""
+    due_at = upstream_token_due_at(session, margin=margin)
+    return due_at is not None and due_at <= timezone.now()
 
 
 def upstream_session_ensure_fresh(
