@@ -25,8 +25,6 @@ and browser binding (``upstream_redirect_prepare``), and the same callback URL, 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import logging
 import re
@@ -48,6 +46,7 @@ from oauthproxy.authserver.cimd import client_resolve
 from oauthproxy.authserver.redirect_uris import FORBIDDEN_SCHEMES, MAX_REDIRECT_URI_LENGTH, redirect_uri_matches
 from oauthproxy.core import metrics
 from oauthproxy.core.audit import audit_record
+from oauthproxy.core.crypto import pkce_s256_challenge, token_checksum
 from oauthproxy.core.exceptions import (
     AccessDenied,
     InvalidClient,
@@ -123,11 +122,6 @@ def client_redirect_url(*, redirect_uri: str, params: Mapping[str, str | None]) 
 # -- small helpers -----------------------------------------------------------------------------------
 
 
-def checksum(value: str) -> str:
-    """SHA-256 hex: how states, browser keys and codes are stored."""
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
 def browser_key_new() -> str:
     return secrets.token_urlsafe(32)
 
@@ -139,13 +133,12 @@ def browser_key_is_valid(value: str | None) -> bool:
 def _browser_matches(pending: PendingAuthorization, browser_key: str | None) -> bool:
     if not browser_key_is_valid(browser_key):
         return False
-    return hmac.compare_digest(checksum(browser_key), pending.browser_key_checksum)
+    return hmac.compare_digest(token_checksum(browser_key), pending.browser_key_checksum)
 
 
 def _pkce_pair() -> tuple[str, str]:
     verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-    return verifier, challenge
+    return verifier, pkce_s256_challenge(verifier)
 
 
 def _one(params: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -300,7 +293,7 @@ def consent_is_remembered(*, client: Client, redirect_uri: str, scopes: Sequence
     if not browser_key_is_valid(browser_key):
         return False
     consents = Consent.objects.filter(
-        browser_key_checksum=checksum(browser_key),
+        browser_key_checksum=token_checksum(browser_key),
         client=client,
         redirect_uri=redirect_uri,
         expires_at__gt=timezone.now(),
@@ -317,7 +310,7 @@ def authorization_begin(*, auth_request: AuthorizationRequest, browser_key: str,
     pending = PendingAuthorization(
         server=auth_request.server,
         client=auth_request.client,
-        browser_key_checksum=checksum(browser_key),
+        browser_key_checksum=token_checksum(browser_key),
         redirect_uri=auth_request.redirect_uri,
         client_state=auth_request.state,
         code_challenge=auth_request.code_challenge,
@@ -492,7 +485,7 @@ def _upstream_state_assign(pending: PendingAuthorization, *, now: datetime) -> t
     time, the short state lifetime and, with PKCE upstream, a new verifier. Answers the state and the
     code challenge, which only the upstream URL carries."""
     state = secrets.token_urlsafe(32)
-    pending.state_checksum = checksum(state)
+    pending.state_checksum = token_checksum(state)
     pending.approved_at = now
     pending.expires_at = now + timedelta(seconds=proxy_settings.UPSTREAM_STATE_LIFETIME)
     code_challenge = None
@@ -553,7 +546,7 @@ def _pending_claim(
     if pending is None:
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
     now = timezone.now()
-    browser_checksum = checksum(browser_key) if browser_key_is_valid(browser_key) else ""
+    browser_checksum = token_checksum(browser_key) if browser_key_is_valid(browser_key) else ""
     if _pending_consumed(pending, browser_key_checksum=browser_checksum, now=now):
         pending.consumed_at = now
         return pending
@@ -616,7 +609,7 @@ def authorization_complete(
         raise InvalidRequest("The sign-in response has no state. Start again from your application.")
     if len(state) > 512 or _CONTROL_RE.search(state):
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
-    pending = _pending_read(_pending_of_state_sql(), [checksum(state), server.pk])
+    pending = _pending_read(_pending_of_state_sql(), [token_checksum(state), server.pk])
     if pending is not None and pending.tester_id is not None:
         from oauthproxy.upstream.try_it import try_it_complete  # services.try_it builds on this module
 
@@ -699,7 +692,7 @@ def authorization_complete(
         Grant.objects.create(
             application=client,
             user=None,
-            code=checksum(raw_code),
+            code=token_checksum(raw_code),
             expires=timezone.now() + timedelta(seconds=oauth2_settings.AUTHORIZATION_CODE_EXPIRE_SECONDS),
             redirect_uri=pending.redirect_uri,
             scope=pending.scope,

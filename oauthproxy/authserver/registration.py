@@ -6,7 +6,6 @@ returned once and stored hashed by DOT's ``ClientSecretField``. Registrations ar
 unused ones expire (DESIGN §5.9).
 """
 
-import hashlib
 import hmac
 import logging
 import re
@@ -24,6 +23,7 @@ from django.utils import timezone
 
 from oauthproxy.authserver.redirect_uris import redirect_uris_validate
 from oauthproxy.core.audit import audit_event, audit_logged, audit_record
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import (
     InvalidClientMetadata,
     InvalidRedirectUri,
@@ -215,7 +215,7 @@ def client_registration_authenticate(
             .filter(server=server, client_id=client_id, registration_source=Client.RegistrationSource.DCR)
             .first()
         )
-    presented = _checksum(registration_access_token)
+    presented = token_checksum(registration_access_token)
     stored = client.registration_token_checksum if client else ""
     if not stored or not hmac.compare_digest(stored, presented):
         raise InvalidToken("The registration access token is not valid for this client.")
@@ -379,12 +379,8 @@ def _client_secret_generate() -> str:
 
 def _registration_token_issue(client: Client) -> str:
     token = secrets.token_urlsafe(32)
-    client.registration_token_checksum = _checksum(token)
+    client.registration_token_checksum = token_checksum(token)
     return token
-
-
-def _checksum(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _client_secret_matches(client: Client, secret: object) -> bool:

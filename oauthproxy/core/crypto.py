@@ -19,6 +19,18 @@ from django.core.exceptions import ImproperlyConfigured
 PREFIX = "enc:v1:"
 
 
+def token_checksum(raw: str) -> str:
+    """SHA-256 hex of a secret: how codes, tokens, states, browser keys and registration access tokens are
+    stored and looked up (as django-oauth-toolkit stores tokens, DESIGN §5.1). Lone surrogates (never in a
+    valid token) hash instead of raising, so a malformed credential is refused, not a 500."""
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def pkce_s256_challenge(verifier: str) -> str:
+    """The PKCE ``S256`` code challenge of a verifier (RFC 7636 §4.2)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
+
+
 class DecryptionError(Exception):
     """A stored ciphertext could not be decrypted (unknown key, tampered, or moved to another row)."""
 

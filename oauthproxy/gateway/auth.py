@@ -24,7 +24,6 @@ load (``SingleFlight``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import re
 import time
@@ -38,6 +37,7 @@ from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
 from oauthproxy.core.caching import TTLCache
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import InvalidToken, OAuthError
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh, upstream_token_due_at
@@ -214,7 +214,7 @@ def gateway_auth_caches_clear() -> None:
 
 def gateway_token_forget(raw_token: str) -> None:
     """Drop one token from this process's cache (other processes drop it within the cache TTL)."""
-    _tokens.pop(hashlib.sha256(raw_token.encode()).hexdigest())
+    _tokens.pop(token_checksum(raw_token))
 
 
 async def gateway_token_authenticate(*, server: GatewayServer, authorization: str | None) -> TokenGrant:
@@ -229,7 +229,7 @@ async def gateway_token_authenticate(*, server: GatewayServer, authorization: st
         raise TokenMissing("An access token is required.")
     if len(raw_token) > MAX_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(raw_token):
         raise InvalidToken("The access token is malformed.")
-    checksum = hashlib.sha256(raw_token.encode()).hexdigest()
+    checksum = token_checksum(raw_token)
 
     record = _tokens.get(checksum)
     if record is None:

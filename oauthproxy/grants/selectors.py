@@ -1,6 +1,7 @@
 """Read-side queries for the proxy's own tokens (introspection, and the gateway's token check)."""
 
-from oauthproxy.authserver.dot.validator import one_or_none, token_checksum
+from oauthproxy.authserver.dot.validator import one_or_none
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.models import AccessToken, McpServer
 
 

@@ -7,8 +7,6 @@ whether the upstream accepts the stored client credential (an invalid-code excha
 ``invalid_grant`` to a known client and ``invalid_client`` to a wrong credential).
 """
 
-import base64
-import hashlib
 import json
 import re
 import secrets
@@ -20,6 +18,7 @@ import requests
 from django.conf import settings
 
 from oauthproxy.console.servers import server_save
+from oauthproxy.core.crypto import pkce_s256_challenge
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 from oauthproxy.models.servers import AUTH_METHODS
@@ -361,7 +360,7 @@ def _check_authorization_endpoint(server: McpServer) -> CheckResult:
     verifier = secrets.token_urlsafe(48)
     url = UpstreamClient(server).authorization_url(
         state=secrets.token_urlsafe(16),
-        code_challenge=_s256(verifier) if server.use_pkce else None,
+        code_challenge=pkce_s256_challenge(verifier) if server.use_pkce else None,
     )
     status, location, problem = _probe(url)
     if problem:
@@ -377,10 +376,6 @@ def _check_authorization_endpoint(server: McpServer) -> CheckResult:
                                           "may not know the client ID or accept the callback URL "
                                           f"{server.callback_url}.")
     return CheckResult(name, OK, f"Reachable (HTTP {status}).")
-
-
-def _s256(verifier: str) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 
 
 def _check_reachable(name: str, url: str, *, blocking: bool = True) -> CheckResult:

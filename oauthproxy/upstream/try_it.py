@@ -29,10 +29,10 @@ from django.utils import timezone
 from oauthproxy.authserver.authorization import (
     browser_key_is_valid,
     browser_key_new,
-    checksum,
     upstream_redirect_prepare,
 )
 from oauthproxy.core.audit import audit_record
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import AccessDenied, InvalidRequest, UpstreamError
 from oauthproxy.grants.sessions import subject_learn
 from oauthproxy.models import AuditEvent, McpServer, PendingAuthorization
@@ -109,7 +109,7 @@ def try_it_start(*, server: McpServer, actor) -> TryItStart:
     pending = PendingAuthorization(
         server=server,
         tester=actor,
-        browser_key_checksum=checksum(browser_key),
+        browser_key_checksum=token_checksum(browser_key),
         redirect_uri="",
         scope=" ".join(server.scopes or []),
         expires_at=now,  # set with the state
@@ -122,7 +122,7 @@ def try_it_start(*, server: McpServer, actor) -> TryItStart:
 def _claim(*, server: McpServer, state: str, browser_key: str | None, user) -> PendingAuthorization | None:
     """The test of this state, consumed exactly once, for the browser and the admin that started it.
     ``None`` when it expired (identified, right browser and admin). Raises ``OAuthError`` (a page)."""
-    state_checksum = checksum(state)
+    state_checksum = token_checksum(state)
     now = timezone.now()
     tester_id = user.pk if getattr(user, "is_authenticated", False) and user.is_staff else None
     claimed = PendingAuthorization.objects.filter(
@@ -130,7 +130,7 @@ def _claim(*, server: McpServer, state: str, browser_key: str | None, user) -> P
         server=server,
         tester__isnull=False,
         tester_id=tester_id,
-        browser_key_checksum=checksum(browser_key) if browser_key_is_valid(browser_key) else "",
+        browser_key_checksum=token_checksum(browser_key) if browser_key_is_valid(browser_key) else "",
         approved_at__isnull=False,
         consumed_at__isnull=True,
         expires_at__gt=now,
@@ -152,7 +152,7 @@ def _claim(*, server: McpServer, state: str, browser_key: str | None, user) -> P
             + START_AGAIN
         )
     if not (browser_key_is_valid(browser_key)
-            and hmac.compare_digest(checksum(browser_key), pending.browser_key_checksum)):
+            and hmac.compare_digest(token_checksum(browser_key), pending.browser_key_checksum)):
         raise AccessDenied("This test sign-in was started in a different browser. " + START_AGAIN)
     if not PendingAuthorization.objects.filter(pk=pending.pk, consumed_at__isnull=True).update(consumed_at=now):
         raise InvalidRequest("This test sign-in was already completed. " + START_AGAIN)

@@ -12,8 +12,8 @@ from oauthproxy.core.audit import audit_record
 from oauthproxy.grants.quotas import quota_consume
 from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
 from tests.conftest import UPSTREAM, make_server
-from tests.factories import make_client, make_upstream_session
 from tests.console.test_admin import form_data
+from tests.factories import make_client, make_upstream_session
 
 SECRET = "upstream-secret-value-123"
 ADMIN = "/admin/oauthproxy"

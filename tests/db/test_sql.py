@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from oauthproxy.authserver.dot.validator import token_checksum
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.db.sql import row_insert, row_update
 from oauthproxy.models import AccessToken, AuditEvent, RefreshToken, UpstreamSession
 from tests.factories import issue_tokens, make_client, make_upstream_session, refresh

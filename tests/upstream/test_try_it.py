@@ -19,9 +19,9 @@ from django.core.management import call_command
 from django.test import Client as HttpClient
 from django.utils import timezone
 
-from oauthproxy.authserver.authorization import checksum
 from oauthproxy.authserver.views.authorize import BROWSER_COOKIE
 from oauthproxy.authserver.views.callback import TRY_IT_COOKIE
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.models import AccessToken, AuditEvent, Grant, PendingAuthorization, RefreshToken, UpstreamSession
 from tests.conftest import UPSTREAM, make_server
 from tests.flows.helpers import (
@@ -131,13 +131,13 @@ class TestStart:
         assert params["code_challenge_method"] == "S256" and len(params["code_challenge"]) == 43
         pending = PendingAuthorization.objects.get()
         assert pending.tester == member.user and pending.client is None and pending.is_try_it
-        assert pending.state_checksum == checksum(params["state"])  # the state itself is not stored
+        assert pending.state_checksum == token_checksum(params["state"])  # the state itself is not stored
         assert pending.approved_at is not None and pending.consumed_at is None
         assert pending.expires_at <= timezone.now() + timedelta(seconds=601)
         assert pkce_pair(pending.upstream_code_verifier)[1] == params["code_challenge"]
         cookie = member.cookies[TRY_IT_COOKIE]
         assert cookie["path"] == f"/oauth/{server.slug}/callback" and cookie["httponly"]
-        assert pending.browser_key_checksum == checksum(cookie.value)
+        assert pending.browser_key_checksum == token_checksum(cookie.value)
         # the admin's own MCP-login browser key is left alone
         assert BROWSER_COOKIE not in member.cookies
 

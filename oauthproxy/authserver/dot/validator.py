@@ -49,6 +49,7 @@ from oauthlib.oauth2.rfc6749.grant_types.authorization_code import code_challeng
 from oauthproxy.authserver.cimd import client_resolve
 from oauthproxy.authserver.dot.rotation import rotation_write
 from oauthproxy.core.audit import audit_event
+from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import InvalidClient, InvalidRequest, OAuthError, UpstreamError
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_insert, rows_read, select_list
@@ -65,11 +66,6 @@ def one_or_none(queryset):
     """The row of a lookup that matches at most one (by a unique key or a random token), or None. Unlike
     ``first()`` it adds no ORDER BY, which costs a sort in the database and compile time in Django."""
     return next(iter(queryset[:1]), None)
-
-
-def token_checksum(raw: str) -> str:
-    """How codes and tokens are stored and looked up (SHA-256 hex, as django-oauth-toolkit does)."""
-    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
 
 # -- client credentials ---------------------------------------------------------------------------
