@@ -26,10 +26,10 @@ from oauthproxy.grants.quotas import quota_usage, quota_usage_many
 from oauthproxy.grants.revocation import client_delete, client_update, sessions_revoke
 from oauthproxy.grants.sessions import upstream_session_revoke
 from oauthproxy.models import AccessToken, AuditEvent, Client, Grant, IDToken, McpServer, RefreshToken, UpstreamSession
+from oauthproxy.upstream.check import server_connection_check
 from oauthproxy.upstream.discovery import (
     DiscoveryError,
     discovery_default_fields,
-    server_connection_check,
     server_discovery_apply,
     upstream_discover,
 )

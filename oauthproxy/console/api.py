@@ -32,9 +32,9 @@ from oauthproxy.grants.quotas import quota_usage_many
 from oauthproxy.grants.revocation import client_delete, client_update, sessions_revoke
 from oauthproxy.grants.sessions import upstream_session_revoke
 from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
+from oauthproxy.upstream.check import server_connection_check
 from oauthproxy.upstream.discovery import (
     DiscoveryError,
-    server_connection_check,
     server_discovery_apply,
     upstream_discover,
 )

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import jwt
 import requests
+from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 from requests.adapters import HTTPAdapter
@@ -43,7 +44,7 @@ def http_session() -> requests.Session:
     return _session
 
 
-def _timeouts() -> tuple[float, float]:
+def upstream_timeouts() -> tuple[float, float]:
     return proxy_settings.UPSTREAM_CONNECT_TIMEOUT, proxy_settings.UPSTREAM_READ_TIMEOUT
 
 
@@ -71,7 +72,7 @@ def _request(method: str, url: str, *, what: str, server: str | None = None, **k
     started = time.perf_counter()
     try:
         response = http_session().request(
-            method, url, timeout=_timeouts(), allow_redirects=False, stream=True, **kwargs
+            method, url, timeout=upstream_timeouts(), allow_redirects=False, stream=True, **kwargs
         )
         outcome = metrics.status_class(response.status_code)
     except requests.Timeout:
@@ -90,6 +91,121 @@ def _request(method: str, url: str, *, what: str, server: str | None = None, **k
             server=server, what=what, outcome=outcome, seconds=time.perf_counter() - started
         )
     return response
+
+
+# -- issuer metadata (RFC 8414 / OpenID Connect Discovery) ---------------------------------------
+
+class DiscoveryError(Exception):
+    """The issuer's metadata could not be found or is unusable; ``reason`` says why, for the operator."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def request_failure_reason(exc: requests.RequestException, url: str) -> str:
+    """Why a request failed, for the operator (no URL path or query: they may carry secrets)."""
+    if isinstance(exc, requests.Timeout):
+        return f"timed out ({urlsplit(url).netloc})"
+    if isinstance(exc, requests.ConnectionError):
+        return f"cannot connect to {urlsplit(url).netloc}"
+    return f"request failed ({type(exc).__name__})"
+
+
+def _fetch_json(url: str, *, server: str | None) -> tuple[int, dict | None, str]:
+    """GET a JSON document: (status, object or None, problem). ``server``: the slug, for the metrics."""
+    limit = proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES
+    outcome, started = "error", time.perf_counter()
+    try:
+        response = http_session().get(
+            url, timeout=upstream_timeouts(), allow_redirects=False, stream=True, headers={"Accept": "application/json"}
+        )
+        outcome = metrics.status_class(response.status_code)
+    except requests.RequestException as exc:
+        outcome = "timeout" if isinstance(exc, requests.Timeout) else "connection_error"
+        return 0, None, request_failure_reason(exc, url)
+    finally:
+        metrics.upstream_request_record(
+            server=server, what="upstream discovery", outcome=outcome, seconds=time.perf_counter() - started
+        )
+    try:
+        if response.status_code != 200:
+            return response.status_code, None, f"HTTP {response.status_code}"
+        body = response.raw.read(limit + 1, decode_content=True) if response.raw is not None else response.content
+    except requests.RequestException as exc:
+        return 0, None, request_failure_reason(exc, url)
+    finally:
+        response.close()
+    if len(body) > limit:
+        return 200, None, f"larger than {limit} bytes"
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return 200, None, "not JSON"
+    if not isinstance(data, dict):
+        return 200, None, "not a JSON object"
+    return 200, data, ""
+
+
+def issuer_url_is_acceptable(url: str) -> bool:
+    """https, or http for localhost (or anywhere with DEBUG)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return False
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and (settings.DEBUG or parts.hostname in ("localhost", "127.0.0.1", "::1"))
+
+
+def metadata_strings(value) -> list[str]:
+    """The strings of a metadata list value (``[]`` when it is not a list)."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def issuer_metadata_urls(issuer: str) -> list[str]:
+    """Where an issuer's metadata may live, in the order the MCP authorization spec tries them:
+    RFC 8414 path insertion, OIDC path insertion, OIDC path appending."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+
+    def at(path_: str) -> str:
+        return urlunsplit((parts.scheme, parts.netloc, path_, "", ""))
+
+    urls = [at("/.well-known/oauth-authorization-server" + path)]
+    if path:
+        urls.append(at("/.well-known/openid-configuration" + path))
+    urls.append(at(path + "/.well-known/openid-configuration"))
+    return urls
+
+
+def upstream_metadata_fetch(*, issuer: str, server: str | None = None) -> tuple[str, dict]:
+    """THE fetcher of an issuer's metadata: (metadata URL, metadata), tried at ``issuer_metadata_urls`` in
+    order and checked: its ``issuer`` matches (RFC 8414 §3.3) and it names the authorization and token
+    endpoints. Discovery, the connection check and ``UpstreamClient.provider_metadata`` (ID token keys)
+    all use it. ``server``: the slug, for the metrics. Raises ``DiscoveryError``."""
+    issuer = (issuer or "").strip()
+    if not issuer_url_is_acceptable(issuer):
+        raise DiscoveryError("The issuer must be an https:// URL (http:// only for localhost or with DEBUG).")
+    if urlsplit(issuer).query or urlsplit(issuer).fragment:
+        raise DiscoveryError("An issuer URL has no query or fragment (RFC 8414 §2).")
+    problems = []
+    for url in issuer_metadata_urls(issuer):
+        _status, data, problem = _fetch_json(url, server=server)
+        if data is not None:
+            break
+        problems.append(f"{url}: {problem}")
+    else:
+        raise DiscoveryError("No metadata found. Tried " + "; ".join(problems))
+    found_issuer = data.get("issuer")
+    if not isinstance(found_issuer, str) or found_issuer.rstrip("/") != issuer.rstrip("/"):
+        raise DiscoveryError(
+            f"The metadata at {url} names the issuer {found_issuer!r}, not {issuer!r}: "
+            "use the issuer exactly as the upstream states it."
+        )
+    for name in ("authorization_endpoint", "token_endpoint"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise DiscoveryError(f"The metadata at {url} has no {name}.")
+    return url, data
 
 
 @dataclass
@@ -249,31 +365,17 @@ class UpstreamClient:
         return _read_json(response, what="userinfo")
 
     def provider_metadata(self) -> dict:
-        """RFC 8414 / OIDC discovery document of the configured upstream issuer (cached)."""
-        issuer = self.server.issuer.rstrip("/")
-        cache_key = f"upstream-metadata:{issuer}"
+        """The upstream issuer's metadata (``upstream_metadata_fetch``), cached for an hour."""
+        cache_key = f"upstream-metadata:{self.server.issuer.rstrip('/')}"
         cached = cache.get(cache_key)
         if cached is not None:
             return cached
-        last_error = None
-        parts = urlsplit(issuer)
-        candidates = [
-            f"{issuer}/.well-known/openid-configuration",
-            urlunsplit((parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + parts.path, "", "")),
-        ]
-        for url in candidates:
-            try:
-                response = _request("GET", url, what="upstream discovery", headers={"Accept": "application/json"},
-                                    server=self.server.slug)
-                if response.status_code == 200:
-                    data = _read_json(response, what="upstream discovery")
-                    cache.set(cache_key, data, 3600)
-                    return data
-                response.close()
-                last_error = f"HTTP {response.status_code} from {url}"
-            except UpstreamError as exc:
-                last_error = exc.reason
-        raise UpstreamError(f"upstream discovery failed: {last_error}", oauth_error="server_error")
+        try:
+            _url, data = upstream_metadata_fetch(issuer=self.server.issuer, server=self.server.slug)
+        except DiscoveryError as exc:
+            raise UpstreamError(f"upstream discovery failed: {exc.reason}", oauth_error="server_error")
+        cache.set(cache_key, data, 3600)
+        return data
 
     def id_token_claims(self, *, id_token: str) -> dict:
         """The claims of an ID token received from the token endpoint.

@@ -256,18 +256,34 @@ class TestIdentity:
         mock_oidc_discovery(upstream, server, SigningKey())
         client = UpstreamClient(server)
         assert client.provider_metadata()["jwks_uri"] == "https://idp.example.com/jwks"
+        fetched = len(upstream.calls)
         client.provider_metadata()
-        assert len(upstream.calls) == 1
+        assert len(upstream.calls) == fetched
 
-    def test_provider_metadata_falls_back_to_rfc8414_path_insertion(self, upstream, db):
+    def test_provider_metadata_tries_rfc8414_path_insertion_first(self, upstream, db):
         server = make_server(issuer="https://idp.example.com/realms/acme")
-        upstream.add(responses.GET, "https://idp.example.com/realms/acme/.well-known/openid-configuration", status=404)
         upstream.add(
             responses.GET,
             "https://idp.example.com/.well-known/oauth-authorization-server/realms/acme",
-            json={"issuer": "https://idp.example.com/realms/acme"},
+            json={"issuer": "https://idp.example.com/realms/acme", "authorization_endpoint": "https://idp.example.com/a",
+                  "token_endpoint": "https://idp.example.com/t"},
         )
         assert UpstreamClient(server).provider_metadata()["issuer"] == "https://idp.example.com/realms/acme"
+        assert [call.request.url for call in upstream.calls] == [
+            "https://idp.example.com/.well-known/oauth-authorization-server/realms/acme"
+        ]
+
+    def test_provider_metadata_naming_another_issuer_is_refused(self, upstream, db):
+        """The ID token keys come from this document: one that names another issuer is not used."""
+        server = make_server(issuer="https://idp.example.com")
+        upstream.add(
+            responses.GET,
+            "https://idp.example.com/.well-known/oauth-authorization-server",
+            json={"issuer": "https://evil.example.com", "authorization_endpoint": "https://evil.example.com/a",
+                  "token_endpoint": "https://evil.example.com/t", "jwks_uri": "https://evil.example.com/jwks"},
+        )
+        with pytest.raises(UpstreamError, match="names the issuer 'https://evil.example.com'"):
+            UpstreamClient(server).provider_metadata()
 
     def test_provider_metadata_failure(self, upstream, db):
         server = make_server(issuer="https://idp.example.com")

@@ -11,10 +11,10 @@ from django.core.exceptions import ValidationError
 
 from oauthproxy.console.servers import server_delete, server_save
 from oauthproxy.models import AuditEvent, McpServer, UpstreamSession
+from oauthproxy.upstream.check import server_connection_check
 from oauthproxy.upstream.discovery import (
     DiscoveryError,
     issuer_metadata_urls,
-    server_connection_check,
     server_discovery_apply,
     upstream_discover,
 )
