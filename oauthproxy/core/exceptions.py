@@ -6,6 +6,7 @@ includes a token or secret in a message.
 """
 
 from django.http import JsonResponse
+from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
@@ -102,6 +103,16 @@ class UpstreamError(Exception):
         self.reason = reason
         self.oauth_error = oauth_error
         self.upstream_error = upstream_error
+
+
+class OAuthlibError(oauthlib_errors.OAuth2Error):
+    """One of the errors above, raised inside an oauthlib grant (oauthlib renders only its own error
+    class): the same error code, description and status as the ``OAuthError`` it carries."""
+
+    def __init__(self, error: OAuthError, *, request=None):
+        self.error = error.error
+        super().__init__(description=error.description, status_code=error.status, request=request)
+        self.oauth_error = error
 
 
 def oauth_error_response(exc: OAuthError, *, headers: dict | None = None) -> JsonResponse:

@@ -50,7 +50,16 @@ from oauthproxy.authserver.cimd import client_resolve
 from oauthproxy.authserver.dot.rotation import rotation_write
 from oauthproxy.core.audit import audit_event
 from oauthproxy.core.crypto import token_checksum
-from oauthproxy.core.exceptions import InvalidClient, InvalidRequest, OAuthError, UpstreamError
+from oauthproxy.core.exceptions import (
+    InvalidClient,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidTarget,
+    OAuthError,
+    OAuthlibError,
+    TemporarilyUnavailable,
+    UpstreamError,
+)
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_insert, rows_read, select_list
 from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
@@ -193,25 +202,12 @@ def replay_context(refresh_token: RefreshToken) -> str:
 # -- errors the grants raise ----------------------------------------------------------------------
 
 
-class TemporarilyUnavailableError(errors.OAuth2Error):
-    """The upstream must refresh first and cannot be reached (RFC 6749 §4.1.2.1's error, at the token
-    endpoint with 503 so clients retry instead of discarding their refresh token)."""
-
-    error = "temporarily_unavailable"
-    status_code = 503
-
-
-class InvalidTargetError(errors.OAuth2Error):
-    """RFC 8707 §2: the ``resource`` is not this server's resource."""
-
-    error = "invalid_target"
-
-
-class ReplayAnswer(errors.OAuth2Error):
+class ReplayAnswer(OAuthlibError):
     """Stops the grant: ``outcome.replay_body`` holds the answer to send again (the caller substitutes it;
     should one forget, the client sees a plain invalid_grant)."""
 
-    error = "invalid_grant"
+    def __init__(self, *, request):
+        super().__init__(InvalidGrant(), request=request)
 
 
 # -- the validator --------------------------------------------------------------------------------
@@ -297,8 +293,8 @@ class ProxyOAuth2Validator(OAuth2Validator):
         expected = self.server.resource_url
         for key, value in request.decoded_body or []:
             if key == "resource" and value.rstrip("/") != expected:
-                raise InvalidTargetError(
-                    description=f"This authorization server issues tokens for {expected} only.", request=request
+                raise OAuthlibError(
+                    InvalidTarget(f"This authorization server issues tokens for {expected} only."), request=request
                 )
 
     # -- authorization codes ------------------------------------------------------------------------
@@ -426,8 +422,9 @@ class ProxyOAuth2Validator(OAuth2Validator):
                 description="The sign-in at the identity provider has ended; authorize again.", request=request
             )
         except UpstreamError:
-            raise TemporarilyUnavailableError(
-                description="The identity provider cannot be reached; retry later.", request=request
+            # RFC 6749 §4.1.2.1's error, with 503 so clients retry instead of discarding their refresh token.
+            raise OAuthlibError(
+                TemporarilyUnavailable("The identity provider cannot be reached; retry later."), request=request
             )
         request.user = None
         request.refresh_token = refresh_token
