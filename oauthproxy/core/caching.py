@@ -1,24 +1,28 @@
 """Per-process caches of rows that nearly every request reads and that change rarely.
 
-``TTLCache`` is the building block (the gateway's token and server caches use it too). The MCP server of
-the URL is read by every OAuth request; ``server_cached`` keeps it for ``proxy_settings.SERVER_CACHE_SECONDS``
-(5 s by default). A save or delete in this process clears it at once (``post_save``/``post_delete``
-signals, wired in ``apps.py``); other processes see the change within the TTL, as they see revocations at
-the gateway. Callers get their own copy of the cached instance, so nothing a request sets on it leaks.
+``TTLCache`` is the building block (the gateway's token caches use it too). The MCP server of the URL is
+read by every OAuth and gateway request; ``servers`` keeps it for ``proxy_settings.SERVER_CACHE_SECONDS``
+(5 s by default), the gateway through an immutable view of the row (``ModelCache.view``). A save or delete
+in this process clears it at once (``post_save``/``post_delete`` signals, wired in ``apps.py``); other
+processes see the change within the TTL, as they see revocations at the gateway. Callers get their own
+copy of the cached instance, so nothing a request sets on it leaks.
 
-``clients`` keeps the client rows that ``services.cimd.client_resolve`` looks up on every authorize and
+``clients`` keeps the client rows that ``authserver.cimd.client_resolve`` looks up on every authorize and
 token request, by (server id, ``client_id``), for ``proxy_settings.CLIENT_CACHE_SECONDS`` (5 s by default);
 ``client_cache_forget`` drops a client's entry when it is saved or deleted in this process, and again when
-that transaction commits (see ``services/cimd.py`` for what the cache may and may not decide).
+that transaction commits (see ``authserver/cimd.py`` for what the cache may and may not decide).
+
+``SingleFlight`` lets concurrent async cache misses for one key share one load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 from django.db import transaction
@@ -26,8 +30,8 @@ from django.db import transaction
 from oauthproxy.core.settings import proxy_settings
 
 T = TypeVar("T")
+V = TypeVar("V")
 
-_MISSING = object()
 
 
 class TTLCache(Generic[T]):
@@ -69,28 +73,65 @@ class TTLCache(Generic[T]):
         return len(self._data)
 
 
+class _Entry:
+    """One cached row (``None``: no such row) and the read-only views derived from it so far."""
+
+    __slots__ = ("instance", "views")
+
+    def __init__(self, instance):
+        self.instance = instance
+        self.views: dict[Callable, object] = {}
+
+    def view(self, make: Callable[[object], V]) -> V:
+        try:
+            return self.views[make]
+        except KeyError:
+            made = self.views[make] = make(self.instance)  # two racing threads make equal views: harmless
+            return made
+
+
+MISS = object()
+"""``ModelCache.view``: nothing is cached under this key (load it with ``ModelCache.view_load``)."""
+
+
 class ModelCache(Generic[T]):
-    """Model instances (or ``None`` for "no such row") by key, loaded on a miss, copied on the way out."""
+    """Model instances (or ``None`` for "no such row") by key, loaded on a miss, copied on the way out.
+
+    Async callers that must not touch the database on a hit (the gateway) ask for a *view* instead: an
+    immutable value derived from the cached row by ``make(instance or None)``, made once per cached entry,
+    so it lives and is dropped with the row (same time to live, same signals)."""
 
     def __init__(self, *, maxsize: int, setting: str):
-        self._entries: TTLCache[object] = TTLCache(maxsize=maxsize)
+        self._entries: TTLCache[_Entry] = TTLCache(maxsize=maxsize)
         self._setting = setting  # the proxy setting holding the time to live, in seconds
 
+    def _load(self, key: Hashable, load: Callable[[], T | None]) -> _Entry:
+        entry = _Entry(load())
+        ttl = getattr(proxy_settings, self._setting)
+        if ttl > 0:
+            self._entries.set(key, entry, ttl=ttl)
+        return entry
+
     def get(self, key: Hashable, load: Callable[[], T | None]) -> T | None:
-        cached = self._entries.get(key)
-        if cached is None:
-            loaded = load()
-            cached = _MISSING if loaded is None else loaded
-            ttl = getattr(proxy_settings, self._setting)
-            if ttl > 0:
-                self._entries.set(key, cached, ttl=ttl)
-        return None if cached is _MISSING else copy.copy(cached)
+        entry = self._entries.get(key) or self._load(key, load)
+        return None if entry.instance is None else copy.copy(entry.instance)
+
+    def view(self, key: Hashable, make: Callable[[T | None], V]) -> V | object:
+        """The view ``make`` of the cached entry, or ``MISS``. Never loads: no database access."""
+        entry = self._entries.get(key)
+        return MISS if entry is None else entry.view(make)
+
+    def view_load(self, key: Hashable, load: Callable[[], T | None], make: Callable[[T | None], V]) -> V:
+        """Load the row (a database read: run it off the event loop), cache it, and return its view."""
+        return self._load(key, load).view(make)
 
     def clear(self) -> None:
         self._entries.clear()
 
 
 servers = ModelCache(maxsize=1000, setting="SERVER_CACHE_SECONDS")
+"""THE server cache: enabled servers by slug (``None``: unknown or disabled), for the OAuth endpoints
+(``core.servers.server_get_enabled``) and the gateway (its ``GatewayServer`` view)."""
 
 
 def server_cache_clear(**_signal_kwargs) -> None:
@@ -131,3 +172,32 @@ def client_cache_forget(*, instance, **_signal_kwargs) -> None:
 
 def client_cache_clear(**_signal_kwargs) -> None:
     clients.clear()
+
+
+# -- single flight -----------------------------------------------------------------------------------
+
+class SingleFlight:
+    """Concurrent callers with the same key share one running load instead of each starting their own.
+
+    The load runs as its own task, so a caller that goes away (client disconnect) does not cancel it for
+    the others. Keys are per event loop: a task belongs to the loop that created it.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[tuple[int, Hashable], asyncio.Task] = {}
+
+    async def run(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        slot = (id(loop), key)
+        task = self._tasks.get(slot)
+        if task is None:
+            task = loop.create_task(load())
+            self._tasks[slot] = task
+            task.add_done_callback(lambda done: self._finished(slot, done))
+        return await asyncio.shield(task)
+
+    def _finished(self, slot: tuple[int, Hashable], task: asyncio.Task) -> None:
+        if self._tasks.get(slot) is task:
+            del self._tasks[slot]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception never retrieved" noise when every caller left

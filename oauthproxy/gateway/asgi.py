@@ -32,12 +32,11 @@ from oauthproxy.gateway.auth import bearer_challenge, gateway_token_authenticate
 from oauthproxy.gateway.forwarding import (
     ForwardedResponse,
     GatewayError,
-    GatewayServer,
     gateway_forward,
-    gateway_server_get,
     jsonrpc_error,
     max_request_bytes,
 )
+from oauthproxy.gateway.servers import GatewayServer, gateway_server_get
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ the database once and then kept in per-process memory:
 Revocation is not pushed to the gateway: a revoked or deleted token, a disabled client or server, an
 ended session stops working on every instance once the token's cache entry expires, so within
 ``GATEWAY_CACHE_SECONDS``. The expiry of the proxy token itself is checked on every request, so a token
-never outlives its ``expires``. (Server configuration is cached separately, see
-``services.gateway.gateway_server_get``.)
+never outlives its ``expires``. (Server configuration comes from the one server cache, see
+``gateway.servers.gateway_server_get``.)
 
 Database work runs in worker threads (``sync_to_async(thread_sensitive=False)``) so one slow query or
 upstream refresh never serialises other requests, and concurrent cache misses for the same key share one
@@ -23,36 +23,25 @@ load (``SingleFlight``).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
-
-from oauthproxy.core.caching import TTLCache
+from oauthproxy.core.caching import SingleFlight, TTLCache
 from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import InvalidToken, OAuthError
 from oauthproxy.core.settings import proxy_settings
+from oauthproxy.core.threads import run_in_db_thread
+from oauthproxy.gateway.servers import GatewayServer
 from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh, upstream_token_due_at
 from oauthproxy.models import AccessToken, UpstreamSession
-
-if TYPE_CHECKING:
-    from oauthproxy.gateway.forwarding import GatewayServer
-
-T = TypeVar("T")
 
 TOKEN_CACHE_SIZE = 10_000
 # When a due refresh fails but the upstream token is still valid, use it and retry the refresh after
 # this many seconds, rather than on every request while the upstream is down.
 REFRESH_RETRY_SECONDS = 5.0
-CACHE_LOAD_THREADS = 2  # per process: threads (and database connections) for cache refills
 MAX_TOKEN_LENGTH = 4096  # a longer "token" is refused before it is hashed
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 §2.1 b64token
 
@@ -96,68 +85,6 @@ def _quoted(value: str) -> str:
 
 
 # -- per-process building blocks ---------------------------------------------------------------------
-
-class SingleFlight:
-    """Concurrent callers with the same key share one running load instead of each starting their own.
-
-    The load runs as its own task, so a caller that goes away (client disconnect) does not cancel it for
-    the others. Keys are per event loop: a task belongs to the loop that created it.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: dict[tuple[int, Hashable], asyncio.Task] = {}
-
-    async def run(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
-        slot = (id(loop), key)
-        task = self._tasks.get(slot)
-        if task is None:
-            task = loop.create_task(load())
-            self._tasks[slot] = task
-            task.add_done_callback(lambda done: self._finished(slot, done))
-        return await asyncio.shield(task)
-
-    def _finished(self, slot: tuple[int, Hashable], task: asyncio.Task) -> None:
-        if self._tasks.get(slot) is task:
-            del self._tasks[slot]
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception never retrieved" noise when every caller left
-
-
-_cache_load_executor: ThreadPoolExecutor | None = None
-
-
-def _cache_load_threads() -> ThreadPoolExecutor:
-    # Created on first use, in the worker process that uses it.
-    global _cache_load_executor
-    if _cache_load_executor is None:
-        _cache_load_executor = ThreadPoolExecutor(max_workers=CACHE_LOAD_THREADS, thread_name_prefix="gateway-db")
-    return _cache_load_executor
-
-
-async def run_in_db_thread(fn: Callable[..., T], /, *args: Any, cache_load: bool = False, **kwargs: Any) -> T:
-    """Run database work in a worker thread, handling its connection the way Django does per request.
-
-    ``cache_load``: a short indexed read filling a cache. These run on a few dedicated threads, each
-    keeping its database connection (``CONN_MAX_AGE``), so a cache refill costs the query and Django's
-    connection health check, not a new connection. Anything that may block (row locks, upstream calls)
-    runs on the event loop's default executor instead.
-    """
-    executor = _cache_load_threads() if cache_load else None
-    return await sync_to_async(_with_connection_hygiene, thread_sensitive=False, executor=executor)(
-        fn, *args, **kwargs
-    )
-
-
-def _with_connection_hygiene(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    # Worker threads see no request_started/finished signals: drop broken or expired connections
-    # ourselves, before (a stale pooled one) and after (CONN_MAX_AGE reached; 0 closes it right away).
-    close_old_connections()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        close_old_connections()
-
 
 def cache_seconds() -> float:
     """How long a validated token is trusted without looking at the database again: the bound on how

@@ -19,12 +19,10 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
-from uuid import UUID
 
 import aiohttp
-from django.utils.module_loading import import_string
-from yarl import URL
 
+from oauthproxy.core import caching
 from oauthproxy.core.exceptions import InvalidToken, UpstreamError
 from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imports it from here)
     HTTP_ERRORS,
@@ -35,15 +33,12 @@ from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imp
 )
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.gateway.auth import (
-    SingleFlight,
     TokenGrant,
-    TTLCache,
     UpstreamCredential,
     gateway_auth_caches_clear,
     gateway_upstream_credential,
-    run_in_db_thread,
 )
-from oauthproxy.models import McpServer
+from oauthproxy.gateway.servers import GatewayServer
 
 logger = logging.getLogger(__name__)
 
@@ -87,107 +82,9 @@ def jsonrpc_error(message: str, *, request_id=None) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32000, "message": message}}
 
 
-# -- servers -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class GatewayServer:
-    """An enabled MCP server as the gateway sees it: a snapshot, safe to share between requests."""
-
-    id: UUID
-    slug: str
-    send_identity_headers: bool
-    resource_url: str
-    resource_metadata_url: str
-    scopes: tuple[str, ...]
-    required_scopes: frozenset[str]
-    url: URL | None  # the parsed mcp_url (None: not configured, or not a usable URL)
-    host_header: str
-    timeout: aiohttp.ClientTimeout  # connect and read timeouts for POST and DELETE
-    stream_timeout: aiohttp.ClientTimeout  # the same for GET (the SSE stream): no read timeout
-    stream_open_timeout: float  # GET: seconds to the response headers
-    write_timeout: float  # seconds to send the request body
-
-
-_UNKNOWN_SERVER = object()  # cached for unknown or disabled slugs: probing them costs no query either
-_servers: TTLCache[GatewayServer | object] = TTLCache(maxsize=1000)
-_server_loads = SingleFlight()
-
-
-async def gateway_server_get(*, slug: str) -> GatewayServer | None:
-    """The enabled server with this slug (``None``: unknown or disabled), from a per-process cache.
-
-    Configuration changes reach the gateway within ``proxy_settings.SERVER_CACHE_SECONDS`` (5 s
-    by default). Disabling a server stops its tokens sooner: token validation re-reads the server with
-    the token, every ``GATEWAY_CACHE_SECONDS``.
-    """
-    cached = _servers.get(slug)
-    if cached is None:
-        cached = await _server_loads.run(slug, lambda: _server_load(slug))
-    return None if cached is _UNKNOWN_SERVER else cached
-
-
-async def _server_load(slug: str) -> GatewayServer | object:
-    server = await run_in_db_thread(lambda: McpServer.objects.enabled().filter(slug=slug).first(), cache_load=True)
-    snapshot = gateway_server_snapshot(server) if server is not None else _UNKNOWN_SERVER
-    _servers.set(slug, snapshot, ttl=float(proxy_settings.SERVER_CACHE_SECONDS))
-    return snapshot
-
-
-def gateway_server_snapshot(server: McpServer) -> GatewayServer:
-    """The gateway's view of a server. Timeouts are per server; today every server gets the
-    deployment's values (the GATEWAY_* settings)."""
-    connect = float(proxy_settings.GATEWAY_CONNECT_TIMEOUT)
-    read = float(proxy_settings.GATEWAY_READ_TIMEOUT)
-    write = float(proxy_settings.GATEWAY_WRITE_TIMEOUT)
-    url, host_header = _parse_mcp_url(server.mcp_url)
-    return GatewayServer(
-        id=server.id,
-        slug=server.slug,
-        send_identity_headers=server.send_identity_headers,
-        resource_url=server.resource_url,
-        resource_metadata_url=server.resource_metadata_url,
-        scopes=tuple(server.scopes or ()),
-        required_scopes=frozenset(gateway_required_scopes(server)),
-        url=url,
-        host_header=host_header,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
-        # The relay bounds an idle stream instead (GATEWAY_STREAM_IDLE_TIMEOUT).
-        stream_timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
-        stream_open_timeout=read,
-        write_timeout=write,
-    )
-
-
-def _parse_mcp_url(mcp_url: str) -> tuple[URL | None, str]:
-    """The URL to send to and the Host header (IDNA, IPv6 brackets, the port unless the default).
-    Credentials and a fragment in ``mcp_url`` are not sent."""
-    if not mcp_url:
-        return None, ""
-    try:
-        url = URL(mcp_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            return None, ""
-        return url.with_user(None).with_fragment(None), url.host_port_subcomponent
-    except ValueError:  # e.g. a port out of range
-        return None, ""
-
-
-def gateway_required_scopes(server: McpServer) -> Iterable[str]:
-    """Scopes a token must carry at this server's gateway, else ``403 insufficient_scope`` (MCP step-up).
-
-    None by default. ``proxy_settings.GATEWAY_REQUIRED_SCOPES`` may name a function ``(server) ->
-    iterable of scopes`` (a dotted path, like django-oauth-toolkit's swap points) for deployments that
-    need step-up.
-    """
-    hook = proxy_settings.GATEWAY_REQUIRED_SCOPES
-    if not hook:
-        return ()
-    return import_string(hook)(server) if isinstance(hook, str) else hook(server)
-
-
 def gateway_caches_clear() -> None:
     """Forget every cached server, token and upstream credential of this process (tests, admin tools)."""
-    _servers.clear()
+    caching.servers.clear()
     gateway_auth_caches_clear()
 
 
