@@ -18,9 +18,9 @@ Three steps, each a service the (thin) views call:
 
 Browser binding: the views keep a random key in an HttpOnly cookie; only its SHA-256 is stored.
 
-An admin's "Try it" test of a server (``services.try_it``) shares the upstream half: the same state, PKCE
+An admin's "Try it" test of a server (``upstream.try_it``) shares the upstream half: the same state, PKCE
 and browser binding (``upstream_redirect_prepare``), and the same callback URL, where
-``authorization_complete`` hands it over to ``try_it_complete``.
+the callback view hands a test's state (``callback_pending_read``) to ``try_it_complete``.
 """
 
 from __future__ import annotations
@@ -590,30 +590,32 @@ def _upstream_failure(
     )
 
 
-def authorization_complete(
-    *,
-    server: McpServer,
-    params: Mapping[str, Sequence[str]],
-    browser_key: str | None,
-    try_it_key: str | None = None,
-    user=None,
-) -> str:
-    """Handle the upstream's redirect back to ``/oauth/<slug>/callback``; answer the client redirect URL
-    (with a proxy authorization code, or an OAuth error). Raises ``OAuthError`` when the request cannot be
-    tied to a pending authorization of this browser (render it as a page).
-
-    A state that belongs to an admin's "Try it" test goes to ``try_it_complete`` (with the test's own
-    browser key ``try_it_key`` and the logged-in ``user``), which answers the admin result page URL."""
+def callback_pending_read(
+    *, server: McpServer, params: Mapping[str, Sequence[str]]
+) -> tuple[str, PendingAuthorization | None]:
+    """The ``state`` of the upstream's redirect back to ``/oauth/<slug>/callback`` and the pending flow it
+    names (``None``: none). The callback view hands a flow whose ``tester_id`` is set (an admin's "Try it"
+    test) to ``upstream.try_it.try_it_complete``, any other to ``authorization_complete``. Raises
+    ``InvalidRequest`` for a missing or malformed state."""
     state = _one(params, "state")
     if not state:
         raise InvalidRequest("The sign-in response has no state. Start again from your application.")
     if len(state) > 512 or _CONTROL_RE.search(state):
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
-    pending = _pending_read(_pending_of_state_sql(), [token_checksum(state), server.pk])
-    if pending is not None and pending.tester_id is not None:
-        from oauthproxy.upstream.try_it import try_it_complete  # services.try_it builds on this module
+    return state, _pending_read(_pending_of_state_sql(), [token_checksum(state), server.pk])
 
-        return try_it_complete(server=server, state=state, params=params, browser_key=try_it_key, user=user)
+
+def authorization_complete(
+    *,
+    server: McpServer,
+    pending: PendingAuthorization | None,
+    params: Mapping[str, Sequence[str]],
+    browser_key: str | None,
+) -> str:
+    """Finish the MCP client's flow ``pending`` (from ``callback_pending_read``) at the upstream's redirect
+    back; answer the client redirect URL (with a proxy authorization code, or an OAuth error). Raises
+    ``OAuthError`` when the request cannot be tied to a pending authorization of this browser (render it
+    as a page)."""
     if pending is not None:
         pending.server = pending.client.server = server
     try:

@@ -1,6 +1,6 @@
 """GET /oauth/<slug>/callback: the upstream sends the user back here (DESIGN §4, §5.7).
 
-It also ends an admin's "Try it" test (``services.try_it``), whose browser binding lives in its own cookie
+It also ends an admin's "Try it" test (``upstream.try_it``), whose browser binding lives in its own cookie
 (set by the admin page that starts the test, sent only to this URL) so that a test never replaces the
 browser key of the admin's own MCP logins.
 """
@@ -10,12 +10,13 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from oauthproxy.authserver.authorization import authorization_complete
+from oauthproxy.authserver.authorization import authorization_complete, callback_pending_read
 from oauthproxy.authserver.views.authorize import ClientRedirect, browser_key_from_request, error_page, not_found_page
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
+from oauthproxy.upstream.try_it import try_it_complete
 
 TRY_IT_COOKIE = "oauthproxy_try_it"
 
@@ -40,14 +41,16 @@ def callback(request: HttpRequest, slug: str) -> HttpResponse:
     server = server_get_enabled(slug=slug)
     if server is None:
         return not_found_page(request)
+    params = dict(request.GET.lists())
     try:
-        url = authorization_complete(
-            server=server,
-            params=dict(request.GET.lists()),
-            browser_key=browser_key_from_request(request),
-            try_it_key=request.COOKIES.get(TRY_IT_COOKIE),
-            user=getattr(request, "user", None),
-        )
+        state, pending = callback_pending_read(server=server, params=params)
+        if pending is not None and pending.tester_id is not None:  # an admin's "Try it" test
+            url = try_it_complete(server=server, state=state, params=params,
+                                  browser_key=request.COOKIES.get(TRY_IT_COOKIE), user=getattr(request, "user", None))
+        else:
+            url = authorization_complete(
+                server=server, pending=pending, params=params, browser_key=browser_key_from_request(request)
+            )
     except OAuthError as exc:
         return error_page(request, error=exc, server=server)
     return ClientRedirect(url)
