@@ -37,7 +37,7 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.urls import Resolver404, ResolverMatch, get_resolver
 
-from oauthproxy.core.asgi import BodyTooLarge, body_read
+from oauthproxy.core.asgi import BodyTooLarge, body_read, django_response_send
 from oauthproxy.core.exceptions import InvalidRequest, oauth_error_response
 from oauthproxy.core.middleware import database_unavailable_response
 from oauthproxy.core.settings import proxy_settings
@@ -76,18 +76,18 @@ async def direct_endpoint_asgi(scope: dict, receive, send, *, match: ResolverMat
     except BodyTooLarge:
         response = oauth_error_response(InvalidRequest("The request body is too large."))
         response.status_code = 413
-        await _send(response, send)
+        await django_response_send(response, send)
         return
     if body is None:  # the client went away
         return
     try:
         request = ASGIRequest(scope, io.BytesIO(body))
     except UnicodeDecodeError:  # as Django's handler: a query string that is not UTF-8
-        await _send(oauth_error_response(InvalidRequest("The request could not be decoded.")), send)
+        await django_response_send(oauth_error_response(InvalidRequest("The request could not be decoded.")), send)
         return
     loop = asyncio.get_running_loop()
     response = await loop.run_in_executor(_threads(), _respond, request, match)
-    await _send(response, send)
+    await django_response_send(response, send)
 
 
 def direct_endpoint_threads_shutdown() -> None:
@@ -144,14 +144,3 @@ def _page_handler() -> BaseHandler:
 
 class DirectEndpointHandler:
     """The ``sender`` of the request signals sent for direct endpoint requests."""
-
-
-async def _send(response: HttpResponseBase, send) -> None:
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.items()]
-    for cookie in response.cookies.values():
-        headers.append((b"set-cookie", cookie.output(header="").encode("latin-1").strip()))
-    content = response.content
-    if not response.has_header("Content-Length"):
-        headers.append((b"content-length", str(len(content)).encode()))
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": content, "more_body": False})

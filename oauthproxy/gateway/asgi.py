@@ -26,7 +26,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.views.decorators.csrf import csrf_exempt
 
 from oauthproxy.core import metrics
-from oauthproxy.core.asgi import BodyTooLarge, body_read
+from oauthproxy.core.asgi import BodyTooLarge, body_read, django_response_send, headers_encode, response_send
 from oauthproxy.core.exceptions import OAuthError, oauth_error_response
 from oauthproxy.gateway.auth import bearer_challenge, gateway_token_authenticate
 from oauthproxy.gateway.forwarding import (
@@ -148,7 +148,7 @@ async def gateway_asgi(scope: dict, receive, send, *, slug: str) -> None:
     try:
         body = await body_read(receive, limit=max_request_bytes())
     except BodyTooLarge:
-        await _send_response(_too_large(), send)
+        await django_response_send(_too_large(), send)
         return
     if body is None:  # the client went away
         return
@@ -161,11 +161,11 @@ async def gateway_asgi(scope: dict, receive, send, *, slug: str) -> None:
         logger.exception("gateway %s: unexpected error", slug)
         result = jsonrpc_response(500, "The gateway failed unexpectedly.")
     if isinstance(result, HttpResponseBase):
-        await _send_response(result, send)
+        await django_response_send(result, send)
         return
     if result.content is not None:  # small and complete: one piece, with a Content-Length
         try:
-            await _send_whole(result.status, result.headers, result.content, send)
+            await response_send(send, status=result.status, headers=result.headers.items(), content=result.content)
         finally:
             await result.aclose()
         return
@@ -189,20 +189,9 @@ async def _wait_for_disconnect(receive) -> None:
         pass
 
 
-async def _send_response(response: HttpResponse, send) -> None:
-    await _send_whole(response.status_code, dict(response.items()), response.content, send)
-
-
-async def _send_whole(status: int, headers: dict[str, str], content: bytes, send) -> None:
-    raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-    raw.append((b"content-length", str(len(content)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": content, "more_body": False})
-
-
 async def _send_forwarded(forwarded: ForwardedResponse, send) -> None:
     try:
-        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in forwarded.headers.items()]
+        headers = headers_encode(forwarded.headers.items())
         await send({"type": "http.response.start", "status": forwarded.status, "headers": headers})
         async for chunk in forwarded.body:
             if forwarded.complete:  # the internal server's body has ended: ours ends in the same write

@@ -7,12 +7,12 @@ MCP client and without leaving anything behind.
    upstream PKCE verifier and browser binding as a real flow (``upstream_redirect_prepare``). It answers
    the upstream authorization URL, whose redirect URI is the server's real callback, and the random key
    the view keeps in the test's own browser cookie.
-2. ``try_it_complete`` runs at ``/oauth/<slug>/callback`` (the callback view hands the test's states
-   over, ``authorization.callback_pending_read``): it claims the state once, for the browser and the admin that started the test, exchanges
-   the code with the configured auth method, learns the subject as a real login would, then revokes the
-   upstream tokens (best effort) and stores no session, grant or token. The outcome is one audit event
-   (``admin.try_it``, actor = the admin) whose detail the admin result page shows. No token value is ever
-   kept, logged, audited or shown.
+2. ``try_it_complete`` runs at ``/oauth/<slug>/callback`` (the callback view hands the test's states over,
+   ``authorization.callback_pending_read``): it claims the state once, for the browser and the admin that
+   started the test, exchanges the code with the configured auth method, learns the subject as a real login
+   would, then revokes the upstream tokens (best effort) and stores no session, grant or token. The outcome
+   is one audit event (``admin.try_it``, actor = the admin) whose detail the admin result page shows. No
+   token value is ever kept, logged, audited or shown.
 """
 
 from __future__ import annotations
