@@ -22,7 +22,7 @@ from oauthproxy.authserver.asgi import (  # noqa: E402
     direct_endpoint_threads_shutdown,
 )
 from oauthproxy.gateway.asgi import gateway_asgi, gateway_path_slug  # noqa: E402
-from oauthproxy.gateway.forwarding import gateway_upstream_pool_close  # noqa: E402
+from oauthproxy.gateway.forwarding import internal_server_pool_close  # noqa: E402
 
 
 async def application(scope, receive, send):
@@ -44,7 +44,7 @@ async def lifespan(receive, send):
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await gateway_upstream_pool_close()
+            await internal_server_pool_close()
             direct_endpoint_threads_shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -1,5 +1,5 @@
 """The gateway's HTTP client: kept-alive connections to internal MCP servers, shared by all requests of
-an event loop (one ``UpstreamPool`` per loop; a production worker has one loop).
+an event loop (one ``InternalServerPool`` per loop; a production worker has one loop).
 
 The wire work is aiohttp's (asyncio-native, llhttp's C parser, headers and small bodies sent in one
 write): about a third of the CPU per exchange that httpx/httpcore took (h11's pure-Python parser and
@@ -44,7 +44,7 @@ class PoolTimeout(TimeoutError):
     """No connection became free within the pool timeout."""
 
 
-class UpstreamPool:
+class InternalServerPool:
     """Connections to internal servers, bounded, kept alive and reused (aiohttp's ``TCPConnector``)."""
 
     def __init__(self, *, max_connections: int = MAX_CONNECTIONS, keepalive_expiry: float = KEEPALIVE_EXPIRY):
@@ -73,7 +73,7 @@ class UpstreamPool:
         timeout: aiohttp.ClientTimeout,
         write_timeout: float,
         pool_timeout: float,
-    ) -> UpstreamResponse:
+    ) -> InternalServerResponse:
         """Send the request and return the response once its headers arrived; its body is unread, and
         ``aclose()`` must be called when done with it (it frees the connection).
 
@@ -101,13 +101,13 @@ class UpstreamPool:
         except BaseException:
             self._slots.release()
             raise
-        return UpstreamResponse(response, self._slots)
+        return InternalServerResponse(response, self._slots)
 
     async def aclose(self) -> None:
         await self._session.close()
 
 
-class UpstreamResponse:
+class InternalServerResponse:
     """An internal server's response: ``status``, ``headers`` (raw byte pairs, as sent) and a body to read
     once, whole (``read()``) or chunk by chunk as it arrives (``chunks()``).
 
@@ -187,19 +187,19 @@ def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback, *args) -> N
 
 
 # One pool per event loop: connections belong to the loop that opened them.
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, UpstreamPool] = weakref.WeakKeyDictionary()
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, InternalServerPool] = weakref.WeakKeyDictionary()
 
 
-def gateway_upstream_pool() -> UpstreamPool:
+def internal_server_pool() -> InternalServerPool:
     """This event loop's pool, created on first use."""
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
     if pool is None:
-        pool = _pools[loop] = UpstreamPool()
+        pool = _pools[loop] = InternalServerPool()
     return pool
 
 
-async def gateway_upstream_pool_close() -> None:
+async def internal_server_pool_close() -> None:
     """Close this event loop's kept-alive connections (ASGI lifespan shutdown)."""
     pool = _pools.pop(asyncio.get_running_loop(), None)
     if pool is not None:

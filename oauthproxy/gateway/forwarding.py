@@ -5,7 +5,7 @@ access token>`` instead of the client's own credentials; the internal server's a
 unbuffered, so each SSE event reaches the client when the internal server sends it.
 
 Cost per request is what the benchmark watches: kept-alive connections shared by all requests of a
-worker (``gateway_http.UpstreamPool``, on aiohttp), server configuration and tokens from per-process caches
+worker (``core.http.InternalServerPool``, on aiohttp), server configuration and tokens from per-process caches
 (``oauthproxy.gateway.auth``), no database query and no upstream call unless a cache entry expired or
 the upstream token is due.
 """
@@ -26,10 +26,10 @@ from oauthproxy.core import caching
 from oauthproxy.core.exceptions import InvalidToken, UpstreamError
 from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imports it from here)
     HTTP_ERRORS,
+    InternalServerResponse,
     PoolTimeout,
-    UpstreamResponse,
-    gateway_upstream_pool,
-    gateway_upstream_pool_close,
+    internal_server_pool,
+    internal_server_pool_close,
 )
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.gateway.auth import (
@@ -100,18 +100,18 @@ class ForwardedResponse:
     headers: dict[str, str]
     content: bytes | None
     body: AsyncGenerator[bytes, None] | None
-    upstream: UpstreamResponse
+    internal: InternalServerResponse
 
     @property
     def complete(self) -> bool:
         """Whether the internal server's body has been received to its end: the chunk ``body`` yielded
         last is then the last one."""
-        return self.upstream.complete
+        return self.internal.complete
 
     async def aclose(self) -> None:
         if self.body is not None:
             await self.body.aclose()
-        await self.upstream.aclose()
+        await self.internal.aclose()
 
 
 async def gateway_forward(
@@ -221,9 +221,9 @@ async def _send(
     forwarded: list[tuple[str, str]],
     body: bytes,
     credential: UpstreamCredential,
-) -> UpstreamResponse:
+) -> InternalServerResponse:
     headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
-    pool = gateway_upstream_pool()
+    pool = internal_server_pool()
     pool_timeout = float(proxy_settings.GATEWAY_POOL_TIMEOUT)
     try:
         if method == "GET":
@@ -261,7 +261,7 @@ def _log_failure(server: GatewayServer, method: str, reason: str) -> None:
     logger.warning("gateway %s: %s to the internal MCP server %s", server.slug, method, reason)
 
 
-def _returned_headers(response: UpstreamResponse) -> dict[str, str]:
+def _returned_headers(response: InternalServerResponse) -> dict[str, str]:
     returned = {}
     for raw_name, raw_value in response.headers:  # as the server wrote them
         name = raw_name.decode("latin-1").lower()
@@ -273,13 +273,13 @@ def _returned_headers(response: UpstreamResponse) -> dict[str, str]:
     return returned
 
 
-def _small(response: UpstreamResponse) -> bool:
+def _small(response: InternalServerResponse) -> bool:
     length = response.content_length
     return length is not None and length <= BUFFERED_RESPONSE_BYTES
 
 
 async def _relay(
-    response: UpstreamResponse, *, sse: bool, method: str, request_body: bytes, server: GatewayServer
+    response: InternalServerResponse, *, sse: bool, method: str, request_body: bytes, server: GatewayServer
 ) -> AsyncGenerator[bytes, None]:
     """The internal server's body, chunk by chunk as it arrives. Always closes the internal response,
     whether the body ends, fails, or the client goes away (the ASGI server cancels or closes us)."""

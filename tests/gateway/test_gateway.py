@@ -12,7 +12,7 @@ import httpx
 import pytest
 from django.test import AsyncClient
 
-from oauthproxy.gateway.forwarding import gateway_upstream_pool_close
+from oauthproxy.gateway.forwarding import internal_server_pool_close
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, PROTOCOL_VERSION, make_grant, mcp_client, messages, rpc
 from tests.gateway.internal_server import CannedHttpServer, ServerThread, wait_for
@@ -215,7 +215,7 @@ def test_header_values_with_control_characters_are_refused(gateway, internal):
                 headers={**ACCEPT, **gateway.auth, "Mcp-Param-Note": "a\x01b"},
             )
         finally:
-            await gateway_upstream_pool_close()
+            await internal_server_pool_close()
 
     response = asyncio.run(scenario())
     assert response.status_code == 400

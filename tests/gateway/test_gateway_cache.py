@@ -13,7 +13,7 @@ from django.db import connections
 from django.test import AsyncClient
 
 from oauthproxy.gateway.auth import TTLCache
-from oauthproxy.gateway.forwarding import gateway_upstream_pool_close
+from oauthproxy.gateway.forwarding import internal_server_pool_close
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, make_grant, rpc
 
@@ -120,7 +120,7 @@ def test_django_route_serves_the_gateway_too(transactional_db, proxy, internal_j
             again = count_queries.count
             refused = await client.post("/mcp/plain", call, content_type="application/json")
         finally:
-            await gateway_upstream_pool_close()  # what the ASGI lifespan does at shutdown
+            await internal_server_pool_close()  # what the ASGI lifespan does at shutdown
         return first, second, refused, loaded, again
 
     first, second, refused, loaded, again = asyncio.run(scenario())

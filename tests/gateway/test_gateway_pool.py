@@ -14,7 +14,7 @@ import httpx
 import pytest
 from yarl import URL
 
-from oauthproxy.core.http import PoolTimeout, UpstreamPool
+from oauthproxy.core.http import InternalServerPool, PoolTimeout
 from tests.conftest import make_server
 from tests.gateway.conftest import ACCEPT, INITIALIZE, make_grant, rpc
 from tests.gateway.internal_server import InternalMcpServer
@@ -35,7 +35,7 @@ def test_connections_are_kept_alive_and_reused(transactional_db, proxy, gateway_
     assert len(set(internal.client_ports)) == 1  # one connection from the gateway for all five
 
 
-async def _initialize(pool: UpstreamPool, url: str, *, pool_timeout: float = 1):
+async def _initialize(pool: InternalServerPool, url: str, *, pool_timeout: float = 1):
     """One MCP initialize sent with the pool, as the gateway sends it."""
     return await pool.request(
         "POST",
@@ -50,7 +50,7 @@ async def _initialize(pool: UpstreamPool, url: str, *, pool_timeout: float = 1):
 
 def test_idle_connections_expire_before_the_servers_keepalive(internal):
     async def scenario():
-        pool = UpstreamPool(keepalive_expiry=0.2)
+        pool = InternalServerPool(keepalive_expiry=0.2)
         try:
             for pause in (0, 0, 0.3):
                 await asyncio.sleep(pause)
@@ -68,7 +68,7 @@ def test_idle_connections_expire_before_the_servers_keepalive(internal):
 
 def test_pool_is_bounded_and_a_dropped_response_frees_its_slot(internal):
     async def scenario():
-        pool = UpstreamPool(max_connections=1)
+        pool = InternalServerPool(max_connections=1)
         try:
             held = await _initialize(pool, internal.url)
             with pytest.raises(PoolTimeout):
