@@ -1,7 +1,8 @@
 """The URL layout of DESIGN §2, in one table. Every OAuth URL carries the server slug (``<str:slug>``).
 
 ``proxy_site.asgi`` serves ``/mcp/<slug>`` and the ``/oauth/<slug>/...`` endpoints without Django's ASGI
-handler; it finds them with this table too (``GATEWAY_URL_NAME``, ``resolve()``), so a path is typed once.
+handler; it finds them with this table too (``GATEWAY_PATH``, the gateway route's pattern; ``resolve()`` under
+``OAUTH_PATH_PREFIX``), so a path is typed once.
 """
 
 from django.http import JsonResponse
@@ -15,9 +16,14 @@ from oauthproxy.authserver.views.metadata import AuthorizationServerMetadataApi,
 from oauthproxy.authserver.views.registration import ClientConfigurationApi, ClientRegisterApi
 from oauthproxy.console import api as management
 from oauthproxy.console.views import health, metrics
-from oauthproxy.gateway.asgi import gateway
+from oauthproxy.gateway.views import gateway
 
 GATEWAY_URL_NAME = "gateway"
+# The gateway, trailing slash tolerated. ``gateway.asgi`` matches ASGI paths with this route's own pattern.
+GATEWAY_ROUTE = re_path(r"^mcp/(?P<slug>[a-z0-9-]{1,64})/?$", gateway, name=GATEWAY_URL_NAME)
+GATEWAY_PATH = GATEWAY_ROUTE.pattern.regex
+# Where the OAuth endpoints of every server live: ``authserver.asgi`` resolves paths under it with this table.
+OAUTH_PATH_PREFIX = "/oauth/"
 
 router = DefaultRouter()
 router.register("servers", management.ServerViewSet, basename="api-server")
@@ -61,8 +67,7 @@ urlpatterns = [
     path("oauth/<str:slug>/token", token.token, name="oauth-token"),
     path("oauth/<str:slug>/revoke", token.revoke, name="oauth-revoke"),
     path("oauth/<str:slug>/introspect", IntrospectApi.as_view(), name="oauth-introspect"),
-    # The gateway, trailing slash tolerated.
-    re_path(r"^mcp/(?P<slug>[a-z0-9-]{1,64})/?$", gateway, name=GATEWAY_URL_NAME),
+    GATEWAY_ROUTE,
     # The management API, its OpenAPI document and docs.
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

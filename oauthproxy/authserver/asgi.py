@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
@@ -41,12 +40,12 @@ from oauthproxy.core.asgi import BodyTooLarge, body_read, django_response_send
 from oauthproxy.core.exceptions import InvalidRequest, oauth_error_response
 from oauthproxy.core.middleware import database_unavailable_response
 from oauthproxy.core.settings import proxy_settings
+from oauthproxy.urls import OAUTH_PATH_PREFIX
 
 logger = logging.getLogger(__name__)
 
 PROGRAM_URL_NAMES = frozenset({"oauth-token", "oauth-revoke", "oauth-register", "oauth-introspect"})
 PAGE_URL_NAMES = frozenset({"oauth-authorize", "oauth-consent", "oauth-callback"})
-_CANDIDATE_PATH = re.compile(r"^/oauth/[^/]+/(?:token|revoke|register|introspect|authorize|consent|callback)$")
 
 _executor: ThreadPoolExecutor | None = None
 _page_handler_instance: BaseHandler | None = None
@@ -60,7 +59,7 @@ def direct_endpoint_match(scope: dict) -> ResolverMatch | None:
     root_path = scope.get("root_path") or ""
     if root_path and path.startswith(root_path):
         path = path[len(root_path):]
-    if not _CANDIDATE_PATH.match(path):
+    if not path.startswith(OAUTH_PATH_PREFIX):
         return None
     try:
         match = get_resolver().resolve(path)

@@ -1,0 +1,118 @@
+"""``/mcp/<slug>``: the gateway's view. Parses, authenticates, calls ``gateway_forward``.
+
+``gateway`` is an ordinary async Django view (routed in ``oauthproxy.urls``), so the URL works under any
+Django ASGI setup and in Django's test client; ``gateway.asgi.gateway_asgi`` serves the same answers
+(``gateway_handle``) straight from ASGI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from oauthproxy.core import metrics
+from oauthproxy.core.exceptions import OAuthError, oauth_error_response
+from oauthproxy.gateway.auth import bearer_challenge, gateway_token_authenticate
+from oauthproxy.gateway.forwarding import (
+    ForwardedResponse,
+    GatewayError,
+    gateway_forward,
+    jsonrpc_error,
+    max_request_bytes,
+)
+from oauthproxy.gateway.servers import GatewayServer, gateway_server_get
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_METHODS = ("GET", "POST", "DELETE")
+
+
+@csrf_exempt
+async def gateway(request: HttpRequest, slug: str) -> HttpResponseBase:
+    result = await gateway_handle(request, slug)
+    if isinstance(result, HttpResponseBase):
+        return result
+    if result.content is not None:
+        response = HttpResponse(result.content, status=result.status, headers=result.headers)
+    else:
+        response = StreamingHttpResponse(result.body, status=result.status, headers=result.headers)
+    if "content-type" not in result.headers:
+        del response["Content-Type"]  # Django's text/html default would be a lie
+    return response
+
+
+async def gateway_handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedResponse:
+    """The gateway's answer: an error response of its own, or the internal server's (body unread)."""
+    started = time.perf_counter()
+    try:
+        result = await _handle(request, slug)
+    except DatabaseError:
+        # Only cache misses reach the database: cached tokens keep working while it is away.
+        logger.exception("gateway %s: database unavailable", slug)
+        result = jsonrpc_response(503, "The gateway is temporarily unavailable; try again shortly.")
+        result["Retry-After"] = "5"
+    own_answer = isinstance(result, HttpResponseBase)
+    status = result.status_code if own_answer else result.status
+    # The gateway's own 404/405 come before the server is known to exist: no slug label for those.
+    metrics.gateway_request_record(
+        server=None if own_answer and status in (404, 405) else slug,
+        method=request.method,
+        status=status,
+        seconds=time.perf_counter() - started,  # until headers: long SSE streams do not distort it
+    )
+    return result
+
+
+async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedResponse:
+    if request.method not in ALLOWED_METHODS:
+        response = jsonrpc_response(405, f"Method {request.method} is not allowed here.")
+        response["Allow"] = ", ".join(ALLOWED_METHODS)
+        return response
+    server = await gateway_server_get(slug=slug)
+    if server is None:
+        return jsonrpc_response(404, "There is no MCP server here.")
+    try:
+        grant = await gateway_token_authenticate(server=server, authorization=request.headers.get("Authorization"))
+    except OAuthError as exc:
+        return _refused(server, exc)
+    if server.url is None:
+        return jsonrpc_response(503, "This MCP server has no usable internal URL configured.")
+    body = b""
+    if request.method == "POST":
+        limit = max_request_bytes()
+        body = request.read(limit + 1)
+        if len(body) > limit:
+            return too_large_response()
+    try:
+        return await gateway_forward(
+            server=server, grant=grant, method=request.method, headers=request.headers.items(), body=body
+        )
+    except OAuthError as exc:
+        return _refused(server, exc)
+    except GatewayError as exc:
+        response = jsonrpc_response(exc.status, exc.message)
+        if exc.retry_after:
+            response["Retry-After"] = str(exc.retry_after)
+        return response
+
+
+def too_large_response() -> HttpResponse:
+    return jsonrpc_response(413, "The request body is too large.")
+
+
+def _refused(server: GatewayServer, exc: OAuthError) -> HttpResponse:
+    return oauth_error_response(exc, headers={"WWW-Authenticate": bearer_challenge(server, exc)})
+
+
+def jsonrpc_response(status: int, message: str) -> HttpResponse:
+    """A gateway error as MCP clients read it: a JSON-RPC error object (``id`` null: not request-bound)."""
+    response = HttpResponse(
+        json.dumps(jsonrpc_error(message)), status=status, content_type="application/json"
+    )
+    response["Cache-Control"] = "no-store"
+    return response
