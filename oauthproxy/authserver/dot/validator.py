@@ -16,9 +16,11 @@ token generation. This subclass fits them to the proxy:
   a key derived from the refresh token presented, which the database does not hold (DOT's own grace path
   answers blank tokens under hashed storage). Reuse outside the window ends the session;
 - work that must outlive the request's transaction (ending a session, which also calls the upstream) is
-  collected in ``outcome`` for the caller (``services.tokens``) to run after commit.
+  collected in ``outcome`` for the caller (``authserver.tokens``) to run after commit.
 
-Without a server (DOT building it from settings) it behaves as django-oauth-toolkit's validator.
+It has one mode: ``authserver.tokens`` builds it with the server of the URL. (The ``OAUTH2_VALIDATOR_CLASS``
+setting names it for completeness; no django-oauth-toolkit view that would build it without a server is
+routed.)
 """
 
 import base64
@@ -229,7 +231,7 @@ class TokenRequestOutcome:
 
 
 class ProxyOAuth2Validator(OAuth2Validator):
-    def __init__(self, server: McpServer | None = None, *, credentials: ClientCredentials | None = None):
+    def __init__(self, server: McpServer, *, credentials: ClientCredentials | None = None):
         super().__init__()
         self.server = server
         self.credentials = credentials or ClientCredentials(None, None, "none")
@@ -238,8 +240,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
     # -- clients ------------------------------------------------------------------------------------
 
     def _load_application(self, client_id, request):
-        if self.server is None:
-            return super()._load_application(client_id, request)
         client = self.outcome.client
         if client is None or client.client_id != client_id:
             client = client_lookup(server=self.server, client_id=client_id)
@@ -251,16 +251,12 @@ class ProxyOAuth2Validator(OAuth2Validator):
         return client
 
     def client_authentication_required(self, request, *args, **kwargs):
-        if self.server is None:
-            return super().client_authentication_required(request, *args, **kwargs)
         client_id = self.credentials.client_id
         client = self._load_application(client_id, request) if client_id else None
         # An unknown client "requires" authentication, which then fails: invalid_client (DESIGN §6).
         return client is None or client_is_confidential(client)
 
     def authenticate_client(self, request, *args, **kwargs):
-        if self.server is None:
-            return super().authenticate_client(request, *args, **kwargs)
         credentials = self.credentials
         client = self._load_application(credentials.client_id, request) if credentials.client_id else None
         if client is None or not client_is_confidential(client) or not credentials.client_secret:
@@ -274,8 +270,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
         return True
 
     def authenticate_client_id(self, client_id, request, *args, **kwargs):
-        if self.server is None:
-            return super().authenticate_client_id(client_id, request, *args, **kwargs)
         client_id = client_id or self.credentials.client_id
         client = self._load_application(client_id, request) if client_id else None
         if client is None or client_is_confidential(client):
@@ -284,8 +278,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
         return True
 
     def validate_grant_type(self, client_id, grant_type, client, request, *args, **kwargs):
-        if self.server is None:
-            return super().validate_grant_type(client_id, grant_type, client, request, *args, **kwargs)
         return grant_type in SUPPORTED_GRANT_TYPES
 
     def _check_resource(self, request) -> None:
@@ -300,8 +292,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
     # -- authorization codes ------------------------------------------------------------------------
 
     def validate_code(self, client_id, code, client, request, *args, **kwargs):
-        if self.server is None:
-            return super().validate_code(client_id, code, client, request, *args, **kwargs)
         # The row lock makes redemption single-use under concurrency: a parallel redemption waits here,
         # then finds the code redeemed (DESIGN §5.8).
         grant = one_or_none(
@@ -357,37 +347,25 @@ class ProxyOAuth2Validator(OAuth2Validator):
         raise errors.InvalidGrantError(description="The authorization code was already used.", request=request)
 
     def get_code_challenge(self, code, request):
-        if self.server is None:
-            return super().get_code_challenge(code, request)
         return request.grant_instance.code_challenge
 
     def get_code_challenge_method(self, code, request):
-        if self.server is None:
-            return super().get_code_challenge_method(code, request)
         return Grant.CODE_CHALLENGE_S256
 
     def get_default_redirect_uri(self, client_id, request, *args, **kwargs):
-        if self.server is None:
-            return super().get_default_redirect_uri(client_id, request, *args, **kwargs)
         return None  # redirect_uri is required at the token endpoint: the authorization request had one
 
     def confirm_redirect_uri(self, client_id, code, redirect_uri, client, *args, **kwargs):
-        request = kwargs.get("request") or (args[0] if args else None)
-        if self.server is None or request is None:
-            return super().confirm_redirect_uri(client_id, code, redirect_uri, client, *args, **kwargs)
+        request = kwargs.get("request") or args[0]  # oauthlib passes it positionally
         return redirect_uri == request.grant_instance.redirect_uri
 
     def invalidate_authorization_code(self, client_id, code, request, *args, **kwargs):
-        if self.server is None:
-            return super().invalidate_authorization_code(client_id, code, request, *args, **kwargs)
         # Still under the row lock taken in validate_code.
         Grant.objects.filter(pk=request.grant_instance.pk).update(redeemed_at=timezone.now())
 
     # -- refresh tokens -----------------------------------------------------------------------------
 
     def validate_refresh_token(self, refresh_token, client, request, *args, **kwargs):
-        if self.server is None:
-            return super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
         self._check_resource(request)
         checksum = token_checksum(refresh_token)
         # Every rotation, upstream refresh and revocation of a session takes its row lock first, so
@@ -454,8 +432,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
         return False
 
     def get_original_scopes(self, refresh_token, request, *args, **kwargs):
-        if self.server is None:
-            return super().get_original_scopes(refresh_token, request, *args, **kwargs)
         return request.refresh_token_instance.access_token_scope
 
     def rotate_refresh_token(self, request):
@@ -464,14 +440,10 @@ class ProxyOAuth2Validator(OAuth2Validator):
     # -- issuing ------------------------------------------------------------------------------------
 
     def save_bearer_token(self, token, request, *args, **kwargs):
-        if self.server is None:
-            return super().save_bearer_token(token, request, *args, **kwargs)
         # The caller's transaction holds the code or session lock; no savepoint needed.
         return self._save_bearer_token(token, request, *args, **kwargs)
 
     def _save_bearer_token(self, token, request, *args, **kwargs):
-        if self.server is None:
-            return super()._save_bearer_token(token, request, *args, **kwargs)
         now = timezone.now()
         resource = [self.server.resource_url]
         session = request.upstream_session
@@ -531,8 +503,6 @@ class ProxyOAuth2Validator(OAuth2Validator):
         """Revoking an access or refresh token ends its whole grant: the upstream session, every proxy
         token of it, and the upstream tokens where the upstream can revoke (run by the caller). Only the
         authenticated client's own tokens are found; anything else is silently ignored (RFC 7009 §2.2)."""
-        if self.server is None:
-            return super().revoke_token(token, token_type_hint, request, *args, **kwargs)
         client = request.client
         if client is None or not token or "\x00" in token:
             return
