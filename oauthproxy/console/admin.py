@@ -19,11 +19,12 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from oauthproxy.authserver.views.callback import try_it_cookie_set
+from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.console.forms import IssuerForm, McpServerForm, RevokeForm, pretty_json
 from oauthproxy.console.servers import server_delete, server_save
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage, quota_usage_many
-from oauthproxy.grants.revocation import client_delete, client_update, sessions_revoke
+from oauthproxy.grants.revocation import sessions_revoke
 from oauthproxy.grants.sessions import upstream_session_revoke
 from oauthproxy.models import AccessToken, AuditEvent, Client, Grant, IDToken, McpServer, RefreshToken, UpstreamSession
 from oauthproxy.upstream.check import server_connection_check

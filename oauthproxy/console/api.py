@@ -25,11 +25,12 @@ from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 
+from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.console.documents import DOCUMENT_FIELDS, ServerDocumentSerializer
 from oauthproxy.console.servers import server_delete, server_save
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage_many
-from oauthproxy.grants.revocation import client_delete, client_update, sessions_revoke
+from oauthproxy.grants.revocation import sessions_revoke
 from oauthproxy.grants.sessions import upstream_session_revoke
 from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
 from oauthproxy.upstream.check import server_connection_check

@@ -11,7 +11,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from oauthproxy.authserver.views.authorize import BROWSER_COOKIE
-from oauthproxy.grants.revocation import client_delete, client_update
+from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.models import PendingAuthorization
 from tests.conftest import make_server
 from tests.flows.helpers import (

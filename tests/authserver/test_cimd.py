@@ -12,8 +12,8 @@ from django.utils import timezone
 from oauthproxy.authserver import cimd
 from oauthproxy.authserver.cimd import ClientMetadataDocumentError, client_id_is_metadata_url, client_resolve
 from oauthproxy.authserver.registration import RegistrationLimitReached
+from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.core.settings import proxy_settings
-from oauthproxy.grants.revocation import client_delete, client_update
 from oauthproxy.models import AuditEvent, Client
 from tests.factories import make_client
 

@@ -17,7 +17,7 @@ from django.test import Client as HttpClient
 from django.utils import timezone
 
 from oauthproxy.authserver.views.authorize import BROWSER_COOKIE
-from oauthproxy.grants.revocation import client_update
+from oauthproxy.console.clients import client_update
 from oauthproxy.models import AuditEvent, Client, Consent, Grant, PendingAuthorization
 from tests.conftest import make_server
 from tests.factories import run_in_threads

@@ -10,13 +10,8 @@ import responses
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from oauthproxy.grants.revocation import (
-    SessionFilterError,
-    client_delete,
-    client_update,
-    server_sessions_revoke,
-    sessions_revoke,
-)
+from oauthproxy.console.clients import client_delete, client_update
+from oauthproxy.grants.revocation import SessionFilterError, server_sessions_revoke, sessions_revoke
 from oauthproxy.models import AccessToken, AuditEvent, Client, RefreshToken, UpstreamSession
 from tests.conftest import UPSTREAM
 from tests.factories import make_client, make_upstream_session
