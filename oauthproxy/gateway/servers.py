@@ -6,6 +6,7 @@ header, the timeouts, the scopes a token must carry.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from uuid import UUID
@@ -60,7 +61,8 @@ async def gateway_server_get(*, slug: str) -> GatewayServer | None:
 
 
 def _snapshot_or_unknown(server: McpServer | None) -> GatewayServer | object:
-    return _UNKNOWN_SERVER if server is None else gateway_server_snapshot(server)
+    # A copy: the cached row is shared, and GATEWAY_REQUIRED_SCOPES hooks receive the instance.
+    return _UNKNOWN_SERVER if server is None else gateway_server_snapshot(copy.copy(server))
 
 
 def gateway_server_snapshot(server: McpServer) -> GatewayServer:
