@@ -2,7 +2,8 @@
 
 import pytest
 
-from oauthproxy.core.servers import server_get_enabled
+from oauthproxy.core.caching import MISS
+from oauthproxy.core.servers import server_get_enabled, server_view_cached, server_view_load
 
 pytestmark = pytest.mark.django_db
 
@@ -38,3 +39,24 @@ def test_the_cached_row_serves_repeat_lookups_without_a_query(server, django_ass
     server_get_enabled(slug=server.slug)
     with django_assert_num_queries(0):
         assert server_get_enabled(slug=server.slug).pk == server.pk
+
+
+def test_the_gateway_reads_the_same_server_cache(server, django_assert_num_queries):
+    """One server cache: a row loaded for the OAuth endpoints serves the gateway's view without a query,
+    and a save drops both at once."""
+    made = []
+
+    def view(instance):
+        made.append(instance.slug if instance else None)
+        return ("view", instance.slug if instance else None)
+
+    assert server_view_cached(slug=server.slug, make=view) is MISS
+    server_get_enabled(slug=server.slug)
+    with django_assert_num_queries(0):
+        assert server_view_cached(slug=server.slug, make=view) == ("view", server.slug)
+        assert server_view_cached(slug=server.slug, make=view) == ("view", server.slug)
+    assert made == [server.slug]  # made once per cached row
+    server.enabled = False
+    server.save()
+    assert server_view_cached(slug=server.slug, make=view) is MISS
+    assert server_view_load(slug=server.slug, make=view) == ("view", None)
