@@ -291,7 +291,8 @@ async def hot_path_check(b: Bench) -> dict[str, Any]:
     endpoint calls are read from its counters.
 
     Expected: no upstream call; statements only when a cache entry of the worker expires
-    (``GATEWAY_CACHE_SECONDS``, 5 s: the validated token and the server's configuration), so their number
+    (``GATEWAY_CACHE_SECONDS`` and ``SERVER_CACHE_SECONDS``, 5 s each: the validated token and the server's
+    configuration), so their number
     follows the run's length, not its number of calls."""
     seconds = max(b.mode.seconds, 8.0)
     if not os.access(PG_LOG, os.R_OK):
@@ -348,8 +349,8 @@ async def hot_path_check(b: Bench) -> dict[str, Any]:
             upstream_total == 0 and c16["sql_statements"] <= 4 * refills and c1["sql_statements"] <= 4 * refills
         ),
         "note": "validated tokens and server configurations are cached per worker for GATEWAY_CACHE_SECONDS "
-        "(5 s); a refill costs one query plus Django's connection bookkeeping (health check, pool "
-        "reset), never one per call",
+        "and SERVER_CACHE_SECONDS (5 s each); a refill costs one query plus Django's connection bookkeeping "
+        "(health check, pool reset), never one per call",
     }
 
 
