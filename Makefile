@@ -3,20 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+HASH := $(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Two install levels: what serving needs (`make run`), and the test, lint and end-to-end tools on top.
+RUN_STAMP := $(VENV)/.installed-run-$(HASH)
+STAMP := $(VENV)/.installed-$(HASH)
 export DATABASE_URL_TEST ?= postgres://postgres@127.0.0.1:5432/oauthproxy
 
-.PHONY: run test install lint e2e-deps bench clean
+.PHONY: run test install install-run lint e2e-deps bench clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,e2e]"
-	rm -f $(VENV)/.installed-*; touch $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	rm -f $(VENV)/.installed-*; touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,e2e]"
+	touch $(STAMP)
+
+install-run: $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: install
+run: install-run
 	DJANGO_SETTINGS_MODULE=proxy_site.settings.local $(PY) manage.py migrate --noinput
 	DJANGO_SETTINGS_MODULE=proxy_site.settings.local $(PY) manage.py ensure_admin
 	@echo "Serving on http://127.0.0.1:$(PORT)/admin/"

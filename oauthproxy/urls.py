@@ -15,7 +15,7 @@ from oauthproxy.authserver.views.introspection import IntrospectApi
 from oauthproxy.authserver.views.metadata import AuthorizationServerMetadataApi, ProtectedResourceMetadataApi
 from oauthproxy.authserver.views.registration import ClientConfigurationApi, ClientRegisterApi
 from oauthproxy.console import api as management
-from oauthproxy.console.views import health, metrics
+from oauthproxy.console.views import health, landing, metrics
 from oauthproxy.gateway.views import gateway
 
 GATEWAY_URL_NAME = "gateway"
@@ -42,6 +42,7 @@ def api_not_found(request, *args, **kwargs):
 _as_metadata = AuthorizationServerMetadataApi.as_view()
 
 urlpatterns = [
+    path("", landing.landing, name="landing"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics, name="metrics"),

@@ -376,11 +376,17 @@ class ConsentDetails:
     scopes: tuple[str, ...]
     upstream_host: str
     remember_days: int
+    client_scopes: tuple[str, ...] = ()  # what the application asked the proxy for (its `scope` parameter)
 
     @property
     def scope_items(self) -> list[tuple[str, str]]:
         """Each upstream scope with a plain-language description where it is a well-known one."""
         return [(scope, _SCOPE_DESCRIPTIONS.get(scope, "")) for scope in self.scopes]
+
+    @property
+    def client_scope_items(self) -> list[tuple[str, str]]:
+        """Each scope the application asked for, described like the upstream's."""
+        return [(scope, _SCOPE_DESCRIPTIONS.get(scope, "")) for scope in self.client_scopes]
 
 
 _SCOPE_DESCRIPTIONS = {
@@ -416,6 +422,7 @@ def consent_details(*, pending: PendingAuthorization) -> ConsentDetails:
         scopes=tuple(server.scopes or []),
         upstream_host=urlsplit(server.authorization_endpoint).hostname or "",
         remember_days=max(remember_seconds // 86400, 0) if remember_seconds > 0 else 0,
+        client_scopes=tuple(dict.fromkeys((pending.scope or "").split())),
     )
 
 

@@ -6,10 +6,14 @@ Staff who are not superusers see and change only their teams' objects; another t
 404 exactly like a missing one (DESIGN §5.11). Every change goes through an audited service.
 """
 
+from datetime import timedelta
 from urllib.parse import urlencode
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import widgets
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
@@ -17,16 +21,30 @@ from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from knox.models import AuthToken
 
 from oauthproxy.authserver.views.callback import try_it_cookie_set
 from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.console.forms import IssuerForm, McpServerForm, RevokeForm, pretty_json
+from oauthproxy.console.management.commands.team_create import team_permissions
 from oauthproxy.console.servers import server_delete, server_save
+from oauthproxy.core.audit import audit_record
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage, quota_usage_many
 from oauthproxy.grants.revocation import sessions_revoke
 from oauthproxy.grants.sessions import upstream_session_revoke
-from oauthproxy.models import AccessToken, AuditEvent, Client, Grant, IDToken, McpServer, RefreshToken, UpstreamSession
+from oauthproxy.models import (
+    AccessToken,
+    ApiToken,
+    AuditEvent,
+    Client,
+    Grant,
+    IDToken,
+    McpServer,
+    RefreshToken,
+    Team,
+    UpstreamSession,
+)
 from oauthproxy.upstream.check import server_connection_check
 from oauthproxy.upstream.discovery import (
     DiscoveryError,
@@ -38,7 +56,8 @@ from oauthproxy.upstream.try_it import TryItUnavailable, try_it_result_get, try_
 
 # django-oauth-toolkit registers admin pages for its (here swapped) models. Clients get our own page
 # below; raw tokens and codes are hashes, useless to an operator, who manages sessions instead.
-for _model in (Client, AccessToken, RefreshToken, Grant, IDToken):
+# knox registers its AuthToken, whose page lists everyone's tokens: each user manages their own as API tokens.
+for _model in (Client, AccessToken, RefreshToken, Grant, IDToken, AuthToken):
     if admin.site.is_registered(_model):
         admin.site.unregister(_model)
 
@@ -103,6 +122,33 @@ class TeamScopedAdmin(admin.ModelAdmin):
     def has_revoke_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("oauthproxy.change_upstreamsession")
 
+    # What "delete" does, said on the delete pages and on the bulk action (None: a plain delete).
+    delete_note: str | None = None
+    delete_confirmation_template = "admin/oauthproxy/delete_confirmation.html"
+    delete_selected_confirmation_template = "admin/oauthproxy/delete_selected_confirmation.html"
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if self.delete_note and "delete_selected" in actions:
+            function, name, _ = actions["delete_selected"]
+
+            def delete_selected(modeladmin, request, queryset):
+                response = function(modeladmin, request, queryset)
+                if isinstance(response, TemplateResponse):  # the confirmation page
+                    response.context_data["delete_note"] = self.delete_note
+                return response
+
+            delete_selected.allowed_permissions = ("delete",)
+            actions["delete_selected"] = (
+                delete_selected, name, f"Delete the selected {self.opts.verbose_name_plural} (revokes them, "
+                "upstream too)",
+            )
+        return actions
+
+    def render_delete_form(self, request, context):
+        context["delete_note"] = self.delete_note
+        return super().render_delete_form(request, context)
+
     def render_page(self, request, template: str, context: dict, *, obj=None):
         context = {
             **self.admin_site.each_context(request),
@@ -161,6 +207,8 @@ class McpServerAdmin(TeamScopedAdmin):
         models.URLField: {"widget": widgets.AdminURLFieldWidget, "assume_scheme": "https"},
     }
     list_display = ("slug", "name", "team", "enabled", "callback_url_display")
+    delete_note = ("Deleting a server revokes every session of it (its upstream tokens too, where the upstream "
+                   "has a revocation endpoint) and deletes its clients.")
     list_filter = ("enabled", ("team", admin.RelatedOnlyFieldListFilter))
     search_fields = ("slug", "name")
     readonly_fields = ("callback_url_copy", "endpoints_display", "created", "updated")
@@ -415,8 +463,12 @@ def _display(value) -> str:
 @admin.register(Client)
 class ClientAdmin(TeamScopedAdmin):
     change_form_template = "admin/oauthproxy/client/change_form.html"
-    list_display = ("name", "client_id", "server", "registration_source", "disabled", "created", "last_used",
-                    "upstream_quota")
+    # The columns that matter fit a 1280 px screen; the client ID (a long URL for CIMD) is on the page.
+    list_display = ("name", "server", "registration_source", "disabled", "last_used", "upstream_quota")
+    view_on_site = False  # a client has no page of its own outside the admin
+    delete_note = ("Deleting a client first revokes all its sessions: its proxy tokens at once, its upstream "
+                   "tokens at the upstream (where it has a revocation endpoint). The application must "
+                   "register again to connect.")
     list_filter = (("server", admin.RelatedOnlyFieldListFilter), "registration_source", "disabled")
     search_fields = ("name", "client_id")
     fields = ("name", "client_id", "server", "registration_source", "verified_domain", "client_type",
@@ -525,7 +577,9 @@ class ClientAdmin(TeamScopedAdmin):
 @admin.register(UpstreamSession)
 class UpstreamSessionAdmin(TeamScopedAdmin):
     change_form_template = "admin/oauthproxy/upstreamsession/change_form.html"
-    list_display = ("subject", "client", "server", "created", "last_used", "expires_at", "active", "revoked_at")
+    list_display = ("subject", "client", "server", "last_used", "active")
+    delete_note = ("Deleting a session first revokes it: its proxy tokens at once, its upstream tokens at the "
+                   "upstream (where it has a revocation endpoint). Revoking keeps the row for the record.")
     list_filter = (ActiveSessionFilter, ("server", admin.RelatedOnlyFieldListFilter),
                    ("client", admin.RelatedOnlyFieldListFilter))
     search_fields = ("subject", "client__client_id", "client__name")
@@ -537,6 +591,12 @@ class UpstreamSessionAdmin(TeamScopedAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        # Every field is read-only: no Save buttons (revoking has its own button).
+        extra_context = {**(extra_context or {}), "show_save": False, "show_save_and_continue": False,
+                         "show_save_and_add_another": False}
+        return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.display(boolean=True, description="Active")
     def active(self, obj):
@@ -625,3 +685,138 @@ class AuditEventAdmin(TeamScopedAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+# -- teams -----------------------------------------------------------------------------------------
+
+class TeamForm(forms.ModelForm):
+    members = forms.ModelMultipleChoiceField(
+        queryset=get_user_model().objects.order_by("username"),
+        required=False,
+        widget=widgets.FilteredSelectMultiple("members", is_stacked=False),
+        help_text="Members become staff users: they log in at this admin and see and change only this team's "
+        "servers, and those servers' clients, sessions and audit events.",
+    )
+
+    class Meta:
+        model = Team
+        fields = ("name",)
+        help_texts = {"name": "Shown in the 'team' field of a server."}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.fields["members"].initial = self.instance.user_set.all()
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    """Teams are Django groups with the permissions `manage.py team_create` gives (one list of them)."""
+
+    form = TeamForm
+    list_display = ("name", "member_list", "server_count")
+    search_fields = ("name", "user__username")
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(servers=models.Count("mcp_servers", distinct=True))
+
+    @admin.display(description="Members")
+    def member_list(self, obj):
+        return ", ".join(obj.user_set.order_by("username").values_list("username", flat=True)) or "—"
+
+    @admin.display(description="Servers", ordering="servers")
+    def server_count(self, obj):
+        return obj.servers
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        team, members = form.instance, list(form.cleaned_data["members"])
+        team.permissions.add(*team_permissions())
+        team.user_set.set(members)
+        for user in members:
+            if not user.is_staff:
+                user.is_staff = True
+                user.save(update_fields=["is_staff"])
+
+
+if admin.site.is_registered(Group):
+    admin.site.unregister(Group)  # a team is the one kind of group here; edit them as teams
+
+
+# -- API tokens --------------------------------------------------------------------------------------
+
+class ApiTokenForm(forms.Form):
+    expires_in_days = forms.IntegerField(
+        min_value=1, max_value=365, initial=90,
+        help_text="The token stops working after this many days. Revoke it here at any time.",
+    )
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Each user's own management API tokens: created here (the token is shown once), revoked by
+    deleting. Only a digest is stored. Superusers also see, and may revoke, everyone's."""
+
+    list_display = ("token_id", "user", "created", "expiry")
+    fields = ("token_id", "user", "created", "expiry")
+    readonly_fields = fields
+    ordering = ("-created",)
+    add_form_template = "admin/oauthproxy/apitoken/add_form.html"
+    delete_confirmation_template = "admin/oauthproxy/apitoken/delete_confirmation.html"
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request).select_related("user")
+        return queryset if request.user.is_superuser else queryset.filter(user=request.user)
+
+    # Every staff user manages their own tokens, whatever their model permissions.
+    def has_module_permission(self, request):
+        return request.user.is_active and request.user.is_staff
+
+    def has_view_permission(self, request, obj=None):
+        return self.has_module_permission(request) and (obj is None or self._own(request, obj))
+
+    def has_add_permission(self, request):
+        return self.has_module_permission(request)
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return self.has_view_permission(request, obj)
+
+    @admin.display(description="Token ID")
+    def token_id(self, obj):
+        return obj.digest[:12]  # the stored digest, never the token
+
+    @staticmethod
+    def _own(request, obj) -> bool:
+        return request.user.is_superuser or obj.user_id == request.user.pk
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if "delete_selected" in actions:
+            function, name, _ = actions["delete_selected"]
+            actions["delete_selected"] = (function, name, "Revoke the selected API tokens")
+        return actions
+
+    def add_view(self, request, form_url="", extra_context=None):
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = ApiTokenForm(request.POST or None)
+        token = None
+        if request.method == "POST" and form.is_valid():
+            instance, token = ApiToken.objects.create(
+                user=request.user, expiry=timedelta(days=form.cleaned_data["expires_in_days"])
+            )
+            audit_record(kind=AuditEvent.Kind.ADMIN_CHANGE, actor=request.user,
+                         message=f"API token {instance.digest[:12]} created in the admin")
+        response = TemplateResponse(request, self.add_form_template, {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Your new API token" if token else "Create an API token",
+            "form": form,
+            "token": token,
+            "api_docs_url": reverse("api-docs"),
+        })
+        response["Cache-Control"] = "no-store"
+        return response

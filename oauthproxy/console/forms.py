@@ -20,6 +20,8 @@ class JsonListField(forms.JSONField):
         return super().to_python(value)
 
     def prepare_value(self, value):
+        if value is None:  # an add form has no initial value: an empty box, never the JSON text "null"
+            return ""
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return " ".join(value)
         return super().prepare_value(value)
@@ -77,6 +79,12 @@ class McpServerForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.initial.pop("client_secret", None)
+        if "slug" in self.fields:  # the admin renders help texts as HTML: spell the brackets out
+            self.fields["slug"].help_text = (
+                "The URL name of this server: MCP clients connect to /mcp/&lt;slug&gt;. Lowercase letters, "
+                "digits and hyphens. Changing it changes every URL, including the callback registered at the "
+                "upstream."
+            )
         if self.instance.pk and self.instance.client_secret:
             self.fields["client_secret"].help_text = (
                 "A secret is stored (encrypted, never shown). Leave blank to keep it, or type a new one."

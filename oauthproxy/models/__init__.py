@@ -3,11 +3,13 @@ from oauthproxy.models.clients import Client
 from oauthproxy.models.consent import Consent, PendingAuthorization
 from oauthproxy.models.introspection import IntrospectionCredential
 from oauthproxy.models.servers import McpServer
+from oauthproxy.models.teams import ApiToken, Team
 from oauthproxy.models.tokens import AccessToken, Grant, IDToken, RefreshToken
 from oauthproxy.models.upstream import UpstreamSession
 
 __all__ = [
     "AccessToken",
+    "ApiToken",
     "AuditEvent",
     "Client",
     "Consent",
@@ -17,5 +19,6 @@ __all__ = [
     "McpServer",
     "PendingAuthorization",
     "RefreshToken",
+    "Team",
     "UpstreamSession",
 ]

@@ -35,7 +35,9 @@ class UpstreamSession(models.Model):
         indexes = [models.Index(fields=["server", "created"]), models.Index(fields=["client", "created"])]
 
     def __str__(self) -> str:
-        return f"{self.subject} via {self.client_id} at {self.server_id}"
+        """A human title, e.g. "alice with Claude Desktop on CRM tools, since 2026-05-04 09:12"."""
+        since = f", since {self.created:%Y-%m-%d %H:%M}" if self.created else ""
+        return f"{self.subject} with {self.client} on {self.server.name}{since}"
 
     @property
     def is_active(self) -> bool:

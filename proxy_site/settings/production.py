@@ -1,9 +1,11 @@
 """Production: several stateless ASGI workers per host, several hosts, all state in PostgreSQL."""
 
+from urllib.parse import urlsplit
+
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F401,F403
-from .env import env_bool, env_int
+from .env import env_bool, env_int, env_list
 
 DEBUG = False
 if not SECRET_KEY:  # noqa: F405
@@ -25,6 +27,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":  # noqa: F
     }
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 60)  # noqa: F405
+
+# Strict by default: only the public host name (the container health check sends it, see deploy/).
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", [urlsplit(PUBLIC_BASE_URL).hostname or "localhost"])  # noqa: F405
 
 SESSION_COOKIE_SECURE = PUBLIC_BASE_URL.startswith("https://")  # noqa: F405
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
