@@ -5,12 +5,13 @@ landing page."""
 from html.parser import HTMLParser
 
 import pytest
+import responses
 from django.contrib.auth.models import Group, User
 from django.core.cache import cache
 
 from oauthproxy.console.management.commands.team_create import team_permissions
 from oauthproxy.models import ApiToken, McpServer, UpstreamSession
-from tests.conftest import make_server
+from tests.conftest import UPSTREAM, make_server
 from tests.factories import make_client, make_upstream_session
 
 ADMIN = "/admin/oauthproxy"
@@ -154,12 +155,14 @@ class TestClientsAndSessions:
         confirm = root.post(f"{ADMIN}/client/", {"action": "delete_selected", "_selected_action": [mcp_client.pk]})
         assert "first revokes all its sessions" in confirm.content.decode()
 
-    def test_deleting_a_session_revokes_it_first(self, root, server, upstream):
-        session = make_upstream_session(server, make_client(server))
+    def test_deleting_a_session_revokes_it_upstream_first(self, root, upstream):
+        server = make_server(revocation_endpoint=f"{UPSTREAM}/revoke")
+        upstream.add(responses.POST, f"{UPSTREAM}/revoke", status=200)
+        session = make_upstream_session(server, make_client(server), refresh_token="upstream-rt-1")
         root.post(f"{ADMIN}/upstreamsession/{session.pk}/delete/", {"post": "yes"})
         assert not UpstreamSession.objects.filter(pk=session.pk).exists()
-        revoked = [call for call in upstream.calls if call.request.url.endswith("/revoke")]
-        assert revoked or not server.revocation_endpoint  # upstream told, where it can be
+        revoked = [call.request.body for call in upstream.calls if call.request.url == f"{UPSTREAM}/revoke"]
+        assert any("upstream-rt-1" in body for body in revoked)
 
 
 @pytest.mark.django_db
