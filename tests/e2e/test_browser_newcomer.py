@@ -104,7 +104,7 @@ def test_newcomer_adds_a_server_by_hand_makes_a_team_and_an_api_token(proxy):
                 await page.goto(proxy.url("/admin/oauthproxy/team/add/"))
                 await page.locator("#id_name").fill("payments")
                 await page.locator("#id_members_from").select_option(label="dana")
-                await page.locator("#id_members_add_link").click()
+                await page.locator("#id_members_add").click()
                 await page.locator("input[name=_save]").click()
                 await expect(page.locator("#result_list")).to_contain_text("dana")
 
