@@ -60,8 +60,9 @@ from oauthproxy.core.exceptions import (
 from oauthproxy.core.ratelimit import rate_limit_hit
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import db_values, row_instance, select_list
+from oauthproxy.grants.access import access_decide
 from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
-from oauthproxy.grants.sessions import subject_learn, upstream_session_create
+from oauthproxy.grants.sessions import Subject, subject_learn, upstream_session_create
 from oauthproxy.models import AuditEvent, Client, Consent, Grant, McpServer, PendingAuthorization
 from oauthproxy.upstream.client import TokenSet, UpstreamClient
 
@@ -108,6 +109,22 @@ class ErrorRedirect(Exception):
                 "iss": self.issuer,
             },
         )
+
+
+class AccessRefused(Exception):
+    """The server's access policy refuses the user who just signed in upstream: show a page that says so
+    (which server, which account, whom to ask), with a way back to the client carrying ``access_denied``."""
+
+    def __init__(self, *, server: McpServer, client_name: str, account: str, client_url: str):
+        super().__init__("access denied by the server's access policy")
+        self.server = server
+        self.client_name = client_name
+        self.account = account
+        self.client_url = client_url
+
+    @property
+    def team(self) -> str:
+        return self.server.team.name if self.server.team_id else ""
 
 
 def client_redirect_url(*, redirect_uri: str, params: Mapping[str, str | None]) -> str:
@@ -695,6 +712,10 @@ def authorization_complete(
         return error_url("server_error", "The sign-in could not be completed at the identity provider.",
                          reason="code_exchange")
 
+    decision = access_decide(access=server.access, user=subject.user)
+    if not decision.allowed:
+        _access_refused(pending, upstream=upstream, tokens=tokens, subject=subject, reason=decision.reason)
+
     raw_code = secrets.token_urlsafe(32)
     with transaction.atomic():
         session = upstream_session_create(server=server, client=client, tokens=tokens, subject=subject)
@@ -717,6 +738,33 @@ def authorization_complete(
     return client_redirect_url(
         redirect_uri=pending.redirect_uri,
         params={"code": raw_code, "state": pending.client_state or None, "iss": server.issuer_url},
+    )
+
+
+def _access_refused(
+    pending: PendingAuthorization, *, upstream: UpstreamClient, tokens: TokenSet, subject: Subject, reason: str
+) -> None:
+    """Refuse a user the access policy does not admit: nothing stored but the audit event, the upstream
+    tokens revoked where the upstream can; raises ``AccessRefused`` for the page."""
+    server = pending.server
+    _upstream_tokens_discard(upstream, tokens)
+    metrics.authorization_failed(server=server.slug, reason="access_denied")
+    user = subject.user
+    audit_record(
+        kind=AuditEvent.Kind.ACCESS_DENIED,
+        server=server,
+        client=pending.client,
+        subject=subject.value,
+        message=f"access denied at login: {reason}",
+        detail={"step": "login", "email": user.email, "groups": list(user.groups)[:50]},
+    )
+    raise AccessRefused(
+        server=server,
+        client_name=_client_name(pending.client),
+        account=user.email or subject.value,
+        client_url=_pending_error_url(
+            pending, AccessDenied(f"Your account may not use {server.name}. Ask its owners for access.")
+        ),
     )
 
 

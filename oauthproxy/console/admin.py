@@ -74,6 +74,13 @@ QUOTA_NOTE = (
     "the others are unaffected. Counters are shown on each client's page."
 )
 
+ACCESS_NOTE = (
+    "Who may use this server and each of its tools, from the user's email, subject and groups (in the ID "
+    "token or userinfo). Checked at login, at each upstream token refresh and by the gateway on every "
+    "request; a change reaches existing sessions within the gateway's cache lifetime. Use "
+    "\"Who can use this?\" to check an account."
+)
+
 
 def _copyable(value: str):
     return format_html(
@@ -238,6 +245,10 @@ class McpServerAdmin(TeamScopedAdmin):
         (
             "Tokens and gateway",
             {"fields": ("access_token_lifetime", "refresh_token_lifetime", "send_identity_headers")},
+        ),
+        (
+            "Who may use this server",
+            {"description": ACCESS_NOTE, "fields": ("access", "groups_claim", "tool_policy")},
         ),
         (
             "Shared-quota protection",

@@ -28,6 +28,9 @@ DOCUMENT_FIELDS = (
     "send_identity_headers",
     "client_upstream_rate_limit",
     "client_upstream_daily_quota",
+    "access",
+    "groups_claim",
+    "tool_policy",
 )
 
 

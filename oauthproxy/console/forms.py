@@ -107,6 +107,14 @@ class McpServerForm(forms.ModelForm):
         value = self.cleaned_data.get("extra_authorize_params")
         return _check_storable(value if value not in (None, "") else {})
 
+    def clean_access(self):
+        value = self.cleaned_data.get("access")
+        return _check_storable(value if value not in (None, "") else {})
+
+    def clean_tool_policy(self):
+        value = self.cleaned_data.get("tool_policy")
+        return _check_storable(value if value not in (None, "") else [])
+
 
 class IssuerForm(forms.Form):
     issuer = forms.URLField(

@@ -48,6 +48,7 @@ AUTHORIZATION_FAILURES = frozenset({
     "expired",  # the user came back after the upstream state expired
     "client_disabled",  # the client was disabled while the user was at the upstream
     "quota",  # the client is over its share of the upstream quota
+    "access_denied",  # the server's access policy does not admit the user
 })
 UPSTREAM_KINDS = {  # UpstreamClient's names for its calls -> label
     "code exchange": "code_exchange",
@@ -99,6 +100,11 @@ GATEWAY_REQUESTS = Counter(
     "oauthproxy_gateway_requests",
     "Requests to the MCP gateway /mcp/<slug> by server, HTTP method and response status.",
     ["server", "method", "status"],
+)
+GATEWAY_TOOLS_REFUSED = Counter(
+    "oauthproxy_gateway_tool_calls_refused",
+    "tools/call requests the gateway refused under the server's tool policy (never sent to the internal server).",
+    ["server"],
 )
 GATEWAY_LATENCY = Histogram(
     "oauthproxy_gateway_request_duration_seconds",
@@ -174,6 +180,10 @@ def gateway_request_record(*, server: str | None, method: str, status: int, seco
     status_label = str(status) if 100 <= status <= 599 else "other"
     GATEWAY_REQUESTS.labels(server=slug, method=method, status=status_label).inc()
     GATEWAY_LATENCY.labels(server=slug).observe(seconds)
+
+
+def gateway_tool_refused(*, server: str) -> None:
+    GATEWAY_TOOLS_REFUSED.labels(server=_server(server)).inc()
 
 
 # -- exposition ------------------------------------------------------------------------------------

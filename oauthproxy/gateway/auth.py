@@ -35,7 +35,13 @@ from oauthproxy.core.exceptions import InvalidToken, OAuthError
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.core.threads import run_in_db_thread
 from oauthproxy.gateway.servers import GatewayServer
-from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh, upstream_token_due_at
+from oauthproxy.grants.access import UserClaims
+from oauthproxy.grants.sessions import (
+    UpstreamSessionEnded,
+    session_user,
+    upstream_session_ensure_fresh,
+    upstream_token_due_at,
+)
 from oauthproxy.models import AccessToken, UpstreamSession
 
 TOKEN_CACHE_SIZE = 10_000
@@ -105,6 +111,7 @@ class TokenGrant:
     client_id: str
     subject: str
     session_id: UUID
+    user: UserClaims | None = None  # the claims the access and tool policies look at (gateway/policy.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +222,7 @@ def _token_read(checksum: str) -> tuple[TokenGrant | _Refused, UpstreamCredentia
         client_id=client.client_id,
         subject=session.subject,
         session_id=session.pk,
+        user=session_user(session),
     )
     # The session row is at hand: prime (or correct) this process's view of its upstream credential.
     return grant, _credential_of(session)

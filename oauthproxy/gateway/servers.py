@@ -19,6 +19,7 @@ from oauthproxy.core.caching import MISS, SingleFlight
 from oauthproxy.core.servers import server_view_cached, server_view_load
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.core.threads import run_in_db_thread
+from oauthproxy.grants.access import access_is_restricted
 from oauthproxy.models import McpServer
 
 
@@ -39,6 +40,9 @@ class GatewayServer:
     stream_timeout: aiohttp.ClientTimeout  # the same for GET (the SSE stream): no read timeout
     stream_open_timeout: float  # GET: seconds to the response headers
     write_timeout: float  # seconds to send the request body
+    # The access and tool policies (gateway/policy.py); None / empty: none, nothing to check or parse.
+    access: dict | None = None
+    tool_policy: tuple = ()
 
 
 _UNKNOWN_SERVER = object()  # the view of an unknown or disabled slug: probing them costs no query either
@@ -87,6 +91,8 @@ def gateway_server_snapshot(server: McpServer) -> GatewayServer:
         stream_timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None),
         stream_open_timeout=read,
         write_timeout=write,
+        access=dict(server.access) if access_is_restricted(server.access) else None,
+        tool_policy=tuple(server.tool_policy or ()),
     )
 
 

@@ -25,6 +25,13 @@ from oauthproxy.gateway.forwarding import (
     jsonrpc_error,
     max_request_bytes,
 )
+from oauthproxy.gateway.policy import (
+    gateway_access_check,
+    tool_plan,
+    tool_plan_answer,
+    tool_plan_apply,
+    tool_refusals_audit,
+)
 from oauthproxy.gateway.servers import GatewayServer, gateway_server_get
 
 logger = logging.getLogger(__name__)
@@ -78,6 +85,7 @@ async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedRe
         return jsonrpc_response(404, "There is no MCP server here.")
     try:
         grant = await gateway_token_authenticate(server=server, authorization=request.headers.get("Authorization"))
+        gateway_access_check(server=server, grant=grant)
     except OAuthError as exc:
         return _refused(server, exc)
     if server.url is None:
@@ -88,10 +96,19 @@ async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedRe
         body = request.read(limit + 1)
         if len(body) > limit:
             return too_large_response()
+    plan = tool_plan(server=server, grant=grant, body=body) if server.tool_policy and body else None
+    if plan is not None:
+        await tool_refusals_audit(server=server, grant=grant, plan=plan)
+        if plan.body is None:
+            return tool_plan_answer(plan)
+        body = plan.body
     try:
-        return await gateway_forward(
+        result = await gateway_forward(
             server=server, grant=grant, method=request.method, headers=request.headers.items(), body=body
         )
+        if plan is not None:
+            result = await tool_plan_apply(server=server, grant=grant, plan=plan, response=result)
+        return result
     except OAuthError as exc:
         return _refused(server, exc)
     except GatewayError as exc:

@@ -3,6 +3,7 @@ token fresh (exactly one upstream refresh per grant under concurrency, across pr
 and ending it.
 """
 
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from oauthproxy.core.audit import audit_event, audit_logged, audit_record
 from oauthproxy.core.exceptions import UpstreamError
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import row_update
+from oauthproxy.grants.access import UserClaims, access_decide, policy_needs_claims, user_claims_from
 from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
 from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
 from oauthproxy.upstream.client import TokenSet, UpstreamClient, expires_at_from
@@ -31,22 +33,57 @@ class UpstreamSessionEnded(Exception):
 class Subject:
     value: str
     source: str  # id_token, userinfo or opaque
+    claims: UserClaims | None = None  # what the access policies look at (None: nothing known)
+
+    @property
+    def user(self) -> UserClaims:
+        return self.claims or UserClaims(subject=self.value)
 
 
 def subject_learn(*, server: McpServer, tokens: TokenSet) -> Subject:
     """Who logged in: the ID token's ``sub``, else userinfo's ``sub`` (or GitHub-style ``id``), else an
-    opaque identifier for this grant alone."""
+    opaque identifier for this grant alone; with the claims the server's access policies need (email,
+    groups), from the ID token and, when it lacks them, userinfo."""
     client = UpstreamClient(server)
     if tokens.id_token:
         claims = client.id_token_claims(id_token=tokens.id_token)
-        return Subject(str(claims["sub"]), "id_token")
+        subject = str(claims["sub"])
+        claims = _with_userinfo(server, client, claims, access_token=tokens.access_token, subject=subject)
+        return Subject(subject, "id_token", user_claims_from(subject=subject, claims=claims,
+                                                             groups_claim=server.groups_claim))
     if server.userinfo_endpoint:
         info = client.userinfo(access_token=tokens.access_token)
         for claim in ("sub", "id", "user_id", "login", "email"):
             if info.get(claim) not in (None, ""):
-                return Subject(str(info[claim]), "userinfo")
+                subject = str(info[claim])
+                return Subject(subject, "userinfo", user_claims_from(subject=subject, claims=info,
+                                                                     groups_claim=server.groups_claim))
         raise UpstreamError("userinfo: no subject claim (sub, id, user_id, login, email)", oauth_error="server_error")
-    return Subject("grant:" + secrets.token_hex(12), "opaque")
+    value = "grant:" + secrets.token_hex(12)
+    return Subject(value, "opaque", UserClaims(subject=value))
+
+
+def _with_userinfo(server: McpServer, client: UpstreamClient, claims: dict, *, access_token: str, subject: str) -> dict:
+    """ID token claims completed from userinfo when a policy needs an email or groups the ID token lacks
+    (many upstreams put them only in userinfo). Userinfo of another subject is ignored (OIDC Core §5.3.2)."""
+    if not server.userinfo_endpoint or not policy_needs_claims(access=server.access, tool_policy=server.tool_policy):
+        return claims
+    known = user_claims_from(subject=subject, claims=claims, groups_claim=server.groups_claim)
+    if known.email and known.groups:
+        return claims
+    info = client.userinfo(access_token=access_token)
+    if str(info.get("sub", "")) != subject:
+        return claims
+    return {**info, **{name: value for name, value in claims.items() if value not in (None, "", [])}}
+
+
+def session_user(session: UpstreamSession) -> UserClaims:
+    """The claims kept on a session, as the policies read them."""
+    try:
+        stored = json.loads(session.claims) if session.claims else None
+    except ValueError:
+        stored = None
+    return UserClaims.from_stored(subject=session.subject, stored=stored if isinstance(stored, dict) else None)
 
 
 def upstream_session_create(
@@ -63,6 +100,7 @@ def upstream_session_create(
     )
     session.access_token = tokens.access_token
     session.refresh_token = tokens.refresh_token
+    session.claims = json.dumps(subject.user.as_stored())
     session.save()
     return session
 
@@ -170,6 +208,9 @@ def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -
         if not rejected and locked.expires_at and locked.expires_at > timezone.now():
             return None  # still valid for a little while: use it, retry the refresh next time
         return exc
+    refused = _access_recheck(locked, tokens)
+    if refused is not None:
+        return refused
     locked.access_token = tokens.access_token
     if tokens.refresh_token:  # rotation; otherwise keep the one we have
         locked.refresh_token = tokens.refresh_token
@@ -182,9 +223,40 @@ def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -
     event = audit_event(kind=AuditEvent.Kind.UPSTREAM_REFRESHED, server=locked.server, client=locked.client,
                         subject=locked.subject)
     row_update(locked, ("access_token", "refresh_token", "expires_at", "token_type", "scope", "refresh_count",
-                        "refreshed_at"), inserting=(event,))
+                        "refreshed_at", "claims"), inserting=(event,))
     audit_logged(event)
     return None
+
+
+def _access_recheck(locked: UpstreamSession, tokens: TokenSet) -> Exception | None:
+    """After an upstream refresh: re-read the user's claims (the refresh's ID token, else userinfo) and
+    end the session when the server's access policy no longer admits the user. The claims kept on the
+    session are updated (set on ``locked``, saved by the caller). Claims that cannot be re-read (the
+    upstream sends neither) keep their last known values."""
+    server = locked.server
+    if not policy_needs_claims(access=server.access, tool_policy=server.tool_policy):
+        return None
+    user = session_user(locked)
+    try:
+        if tokens.id_token or (server.userinfo_endpoint and locked.subject_source != "opaque"):
+            learned = subject_learn(server=server, tokens=tokens)
+            if learned.value == locked.subject:
+                user = learned.user
+    except UpstreamError as exc:
+        # The claims could not be read this time: keep the last known ones rather than end the session.
+        logger.warning("upstream refresh: claims of server=%s not re-read: %s", server.slug, exc.reason)
+    locked.claims = json.dumps(user.as_stored())
+    decision = access_decide(access=server.access, user=user)
+    if decision.allowed:
+        return None
+    upstream = UpstreamClient(server)
+    _end(locked, reason=f"no longer admitted by the access policy: {decision.reason}")
+    audit_record(kind=AuditEvent.Kind.ACCESS_DENIED, server=server, client=locked.client, subject=locked.subject,
+                 message=f"session ended at upstream refresh: {decision.reason}", detail={"step": "refresh"})
+    for token, hint in ((tokens.refresh_token, "refresh_token"), (tokens.access_token, "access_token")):
+        if token:
+            upstream.revoke(token=token, token_type_hint=hint)
+    return UpstreamSessionEnded(locked.revoked_reason)
 
 
 def _end(session: UpstreamSession, *, reason: str) -> None:

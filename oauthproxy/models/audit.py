@@ -21,6 +21,7 @@ class AuditEvent(models.Model):
         QUOTA_EXCEEDED = "quota.exceeded"
         ADMIN_CHANGE = "admin.change"
         ADMIN_TRY_IT = "admin.try_it", "Admin test login (Try it)"
+        ACCESS_DENIED = "access.denied", "Access denied by policy"
 
     created = models.DateTimeField(auto_now_add=True, db_index=True)
     kind = models.CharField(max_length=40, choices=Kind.choices, db_index=True)

@@ -12,6 +12,7 @@ from django.db import models
 
 from oauthproxy.core.fields import EncryptedTextField
 from oauthproxy.core.settings import proxy_settings
+from oauthproxy.grants.access import access_policy_problems, groups_claim_problems, tool_policy_problems
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -148,6 +149,26 @@ class McpServer(models.Model):
         help_text="How many upstream logins and token refreshes one MCP client may cause per day (UTC). "
         "Empty: the deployment default. 0: no limit.",
     )
+    # Who may use the server, and each tool (DESIGN §3, §4 "Access"; the rules: grants/access.py).
+    access = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Who may use this server: {\"emails\": [...], \"email_domains\": [...], \"subjects\": [...], "
+        "\"groups\": [...]}. A user matching any entry is admitted. Empty: anyone the upstream lets sign in.",
+    )
+    groups_claim = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The ID token / userinfo claim with the user's groups; a dotted path for nested claims "
+        "(e.g. realm_access.roles). Empty: groups.",
+    )
+    tool_policy = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Tool rules, e.g. [{\"tools\": [\"admin_*\"], \"groups\": [\"admins\"]}]: a tool matched by a "
+        "rule is listed and callable only for users in one of its groups; other tools are open to every "
+        "admitted user. Empty: every tool for everyone admitted.",
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -223,6 +244,13 @@ class McpServer(models.Model):
             errors["extra_authorize_params"] = [
                 f"{', '.join(reserved)} cannot be overridden: the proxy sets them itself."
             ]
+        for field, problems in (
+            ("access", access_policy_problems(self.access)),
+            ("groups_claim", groups_claim_problems(self.groups_claim)),
+            ("tool_policy", tool_policy_problems(self.tool_policy)),
+        ):
+            if problems:
+                errors[field] = problems
         if (
             not errors.get("token_endpoint_auth_methods_supported")
             and self.upstream_auth_method != "none"

@@ -7,11 +7,19 @@ browser key of the admin's own MCP logins.
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from oauthproxy.authserver.authorization import authorization_complete, callback_pending_read
-from oauthproxy.authserver.views.authorize import ClientRedirect, browser_key_from_request, error_page, not_found_page
+from oauthproxy.authserver.authorization import AccessRefused, authorization_complete, callback_pending_read
+from oauthproxy.authserver.views.authorize import (
+    ERROR_PAGE_CSP,
+    ClientRedirect,
+    browser_key_from_request,
+    error_page,
+    not_found_page,
+    page_headers,
+)
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.core.settings import proxy_settings
@@ -53,4 +61,20 @@ def callback(request: HttpRequest, slug: str) -> HttpResponse:
             )
     except OAuthError as exc:
         return error_page(request, error=exc, server=server)
+    except AccessRefused as refused:
+        return access_denied_page(request, refused)
     return ClientRedirect(url)
+
+
+def access_denied_page(request: HttpRequest, refused: AccessRefused) -> HttpResponse:
+    """The user signed in upstream but may not use this server: say so, and offer the way back to the
+    application (which then receives ``access_denied`` with its ``state``)."""
+    response = render(request, "oauthproxy/access_denied.html", {
+        "title": "You do not have access to this MCP server",
+        "server": refused.server,
+        "account": refused.account,
+        "team": refused.team,
+        "client_name": refused.client_name,
+        "client_url": refused.client_url,
+    }, status=403)
+    return page_headers(response, csp=ERROR_PAGE_CSP)

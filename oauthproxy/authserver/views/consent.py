@@ -44,7 +44,11 @@ def consent(request: HttpRequest, slug: str) -> HttpResponse:
             response = render(
                 request,
                 "oauthproxy/consent.html",
-                {"details": consent_details(pending=pending), "request_id": str(pending.pk)},
+                {
+                    "details": consent_details(pending=pending),
+                    "request_id": str(pending.pk),
+                    "tool_rules": server.tool_policy or [],
+                },
             )
             # Not the global no-referrer: under it browsers send "Origin: null" with the form POST, which
             # Django's CSRF origin check rightly refuses. same-origin still sends nothing to other sites.
