@@ -168,7 +168,7 @@ async def tool_plan_apply(*, server: GatewayServer, grant: TokenGrant, plan: Too
         return response
     sse = response.headers.get("content-type", "").startswith("text/event-stream")
     if sse and response.body is not None:
-        response.body = _sse_filtered(response, server=server, grant=grant, plan=plan)
+        response.body = _sse_filtered(response, response.body, server=server, grant=grant, plan=plan)
         return response
     content = response.content
     if content is None and response.body is not None:
@@ -251,13 +251,17 @@ def _sse_filtered_event(event: bytes, *, server: GatewayServer, user: UserClaims
 
 
 async def _sse_filtered(
-    response: ForwardedResponse, *, server: GatewayServer, grant: TokenGrant, plan: ToolPlan
+    response: ForwardedResponse,
+    body: AsyncGenerator[bytes, None],
+    *,
+    server: GatewayServer,
+    grant: TokenGrant,
+    plan: ToolPlan,
 ) -> AsyncGenerator[bytes, None]:
     """The SSE stream, event by event where an event may answer a tools/list; refusals first. Whatever
     is left when the internal server's body ends goes out with its last chunk (the ASGI sender ends the
     response on the chunk read when the internal body completes)."""
     user = _user(grant)
-    body = response.body
     pending = b"".join(_sse_event(refusal) for refusal in plan.refusals)
     buffer = b""
     try:

@@ -15,6 +15,8 @@ Tools:
     stream_progress(count=5, delay=0.2)
                       sends `count` progress notifications `delay` seconds apart, then returns "done"
     slow(seconds=1)   sleeps, then returns "slept <seconds>"
+    admin_reset       returns "reset"; each call is recorded (TOOL_CALLS, and in /__stats as "tool_calls"),
+                      so tests can prove a call the gateway refused never arrived
 
 Environment:
     USERINFO_URL      default for --userinfo-url
@@ -46,6 +48,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 MCP_PATH = "/mcp"
+TOOL_CALLS: list[str] = []  # names of the recorded tools called on this process's servers
 
 
 def _incoming_headers(ctx: Context) -> dict[str, str]:
@@ -109,6 +112,12 @@ def build_mcp(userinfo_url: str | None) -> MCPServer:
         await anyio.sleep(seconds)
         return f"slept {seconds}"
 
+    @mcp.tool()
+    def admin_reset() -> str:
+        """An administrative tool (tool policies restrict it): records the call, then answers "reset"."""
+        TOOL_CALLS.append("admin_reset")
+        return "reset"
+
     return mcp
 
 
@@ -128,7 +137,7 @@ class GatewayFacingMiddleware:
             return
         path = scope["path"]
         if path == "/__stats" and scope["method"] == "GET":
-            await self._json(send, 200, self.stats)
+            await self._json(send, 200, {**self.stats, "tool_calls": list(TOOL_CALLS)})
             return
         if path.rstrip("/") == MCP_PATH:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -1,0 +1,215 @@
+"""Access and tool policies at the gateway: tools/list filtered (JSON, SSE, paginated, batched), refused
+tools/call answered by the gateway without reaching the internal server, policy changes reaching existing
+sessions from the cached server snapshot."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import httpx
+import pytest
+
+from oauthproxy.core import metrics
+from oauthproxy.gateway import forwarding
+from oauthproxy.models import AuditEvent
+from tests.conftest import make_server
+from tests.e2e import mcp_server
+from tests.gateway.conftest import ACCEPT, PROTOCOL_VERSION, make_grant, mcp_client, messages, rpc
+from tests.gateway.internal_server import CannedHttpServer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ADMIN_ONLY = [{"tools": ["admin_*"], "groups": ["admins"]}]
+
+
+@pytest.fixture(autouse=True)
+def _tool_calls_reset():
+    mcp_server.TOOL_CALLS.clear()
+    yield
+    mcp_server.TOOL_CALLS.clear()
+
+
+def with_claims(grant, *, email: str = "alice@example.com", groups: list[str] = ()):
+    grant.session.claims = json.dumps({"email": email, "groups": list(groups)})
+    grant.session.save()
+    return grant
+
+
+def refused_count(slug: str) -> float:
+    return metrics.GATEWAY_TOOLS_REFUSED.labels(server=slug)._value.get()
+
+
+def post(url: str, grant, body, **headers) -> httpx.Response:
+    return httpx.post(url, json=body, headers={**ACCEPT, "MCP-Protocol-Version": PROTOCOL_VERSION, **grant.auth,
+                                                **headers}, timeout=10)
+
+
+def test_user_outside_the_tool_group_sees_a_filtered_list_and_is_refused_without_reaching_the_server(
+    transactional_db, proxy, internal, gateway_url
+):
+    server = make_server(slug="crm", mcp_url=internal.url, tool_policy=ADMIN_ONLY)
+    grant = with_claims(make_grant(server), groups=["sales"])
+    before = refused_count("crm")
+
+    async def scenario():
+        async with mcp_client(gateway_url(), grant.token) as client:
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            echoed = await client.call_tool("echo", {"text": "hi"})
+            try:
+                await client.call_tool("admin_reset", {})
+            except Exception as exc:  # the SDK raises the JSON-RPC error
+                return names, echoed, str(exc)
+            return names, echoed, None
+
+    names, echoed, error = anyio.run(scenario)
+    assert "admin_reset" not in names and {"echo", "slow"} <= names
+    assert echoed.content[0].text == "hi"
+    assert error is not None and "admin_reset" in error and "admins" in error
+    assert mcp_server.TOOL_CALLS == []  # the internal server never saw the call
+    assert refused_count("crm") == before + 1
+    event = AuditEvent.objects.get(kind=AuditEvent.Kind.ACCESS_DENIED)
+    assert "admin_reset" in event.message and event.subject == "alice"
+
+
+def test_user_in_the_tool_group_sees_and_calls_the_tool(transactional_db, proxy, internal, gateway_url):
+    server = make_server(slug="crm", mcp_url=internal.url, tool_policy=ADMIN_ONLY)
+    grant = with_claims(make_grant(server), groups=["sales", "admins"])
+
+    async def scenario():
+        async with mcp_client(gateway_url(), grant.token) as client:
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            return names, await client.call_tool("admin_reset", {})
+
+    names, result = anyio.run(scenario)
+    assert "admin_reset" in names
+    assert result.content[0].text == "reset"
+    assert mcp_server.TOOL_CALLS == ["admin_reset"]
+
+
+def test_server_without_tool_policy_lists_and_calls_every_tool(gateway, gateway_url, internal, monkeypatch):
+    from oauthproxy.gateway import asgi
+
+    def must_not_parse(**kwargs):
+        raise AssertionError("the tool policy must not look at requests of a server without one")
+
+    monkeypatch.setattr(asgi, "tool_plan", must_not_parse)
+
+    async def scenario():
+        async with mcp_client(gateway_url(), gateway.token) as client:
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            return names, await client.call_tool("admin_reset", {})
+
+    names, result = anyio.run(scenario)
+    assert "admin_reset" in names and result.content[0].text == "reset"
+
+
+def test_json_answers_are_filtered(transactional_db, proxy, internal_json, gateway_url):
+    server = make_server(slug="crm", mcp_url=internal_json.url, tool_policy=ADMIN_ONLY)
+    grant = with_claims(make_grant(server), groups=["sales"])
+    listed = post(gateway_url(), grant, rpc("tools/list", {}, id=7))
+    assert listed.status_code == 200 and listed.headers["content-type"].startswith("application/json")
+    names = {tool["name"] for tool in listed.json()["result"]["tools"]}
+    assert "admin_reset" not in names and "echo" in names
+
+    refused = post(gateway_url(), grant, rpc("tools/call", {"name": "admin_reset", "arguments": {}}, id=8))
+    assert refused.status_code == 200
+    error = refused.json()
+    assert error["id"] == 8 and "admin_reset" in error["error"]["message"]
+    assert error["error"]["data"] == {"tool": "admin_reset", "reason": "The tool admin_reset is only for members "
+                                      "of: admins."}
+    assert mcp_server.TOOL_CALLS == []
+
+
+def test_batch_all_refused_is_answered_by_the_gateway(transactional_db, proxy, internal_json, gateway_url):
+    server = make_server(slug="crm", mcp_url=internal_json.url, tool_policy=ADMIN_ONLY)
+    grant = with_claims(make_grant(server), groups=[])
+    posts_before = internal_json.requests.get("POST", 0)
+    batch = [rpc("tools/call", {"name": "admin_reset"}, id=1), rpc("tools/call", {"name": "admin_purge"}, id=2)]
+    response = post(gateway_url(), grant, batch)
+    assert response.status_code == 200
+    answers = response.json()
+    assert [a["id"] for a in answers] == [1, 2]
+    assert all("not available to you" in a["error"]["message"] for a in answers)
+    assert internal_json.requests.get("POST", 0) == posts_before
+
+
+def _canned(content_type: bytes, body: bytes) -> CannedHttpServer:
+    return CannedHttpServer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    )
+
+
+PAGE = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "echo"}, {"name": "admin_reset"}],
+                                              "nextCursor": "page-2"}}
+
+
+def test_a_paginated_sse_page_is_filtered_and_keeps_its_cursor(transactional_db, proxy, gateway_url):
+    progress = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "x"}}
+    body = (b"event: message\ndata: " + json.dumps(progress).encode() + b"\n\n"
+            + b"id: ev-1\nevent: message\ndata: " + json.dumps(PAGE).encode() + b"\n\n")
+    canned = _canned(b"text/event-stream", body)
+    try:
+        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
+        grant = with_claims(make_grant(server), groups=["sales"])
+        response = post(gateway_url("paged"), grant, rpc("tools/list", {"cursor": "page-1"}, id=3))
+    finally:
+        canned.stop()
+    assert response.status_code == 200
+    found = messages(response)
+    assert found[0] == progress  # other events pass as they are
+    assert found[1]["result"] == {"tools": [{"name": "echo"}], "nextCursor": "page-2"}
+    assert "id: ev-1" in response.text  # the event id survives (resumption)
+
+
+def test_a_large_streamed_json_answer_is_filtered(transactional_db, proxy, gateway_url, monkeypatch):
+    monkeypatch.setattr(forwarding, "BUFFERED_RESPONSE_BYTES", 10)  # not read whole by the forwarder
+    canned = _canned(b"application/json", json.dumps(PAGE).encode())
+    try:
+        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
+        grant = with_claims(make_grant(server), groups=["sales"])
+        response = post(gateway_url("paged"), grant, rpc("tools/list", {}, id=3))
+    finally:
+        canned.stop()
+    assert response.json()["result"] == {"tools": [{"name": "echo"}], "nextCursor": "page-2"}
+
+
+def test_batch_with_a_refused_call_goes_on_without_it_and_answers_are_merged(
+    transactional_db, proxy, gateway_url
+):
+    answer = [PAGE, {"jsonrpc": "2.0", "id": 4, "result": {"content": []}}]
+    canned = _canned(b"application/json", json.dumps(answer).encode())
+    try:
+        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
+        grant = with_claims(make_grant(server), groups=["sales"])
+        batch = [rpc("tools/list", {}, id=3), rpc("tools/call", {"name": "echo"}, id=4),
+                 rpc("tools/call", {"name": "admin_reset"}, id=5)]
+        response = post(gateway_url("paged"), grant, batch)
+    finally:
+        canned.stop()
+    answers = {a["id"]: a for a in response.json()}
+    assert answers[3]["result"]["tools"] == [{"name": "echo"}]
+    assert "result" in answers[4]
+    assert "admin_reset" in answers[5]["error"]["message"]
+
+
+def test_an_access_policy_change_reaches_existing_sessions(transactional_db, proxy, internal_json, gateway_url):
+    server = make_server(slug="crm", mcp_url=internal_json.url, access={"groups": ["sales"]})
+    grant = with_claims(make_grant(server), groups=["sales"])
+    assert post(gateway_url(), grant, rpc("tools/list", {}, id=1)).status_code == 200
+
+    server.access = {"groups": ["finance"]}
+    server.save()
+    forwarding._servers.clear()  # what the server cache lifetime (GATEWAY_SERVER_CACHE_SECONDS) does
+    refused = post(gateway_url(), grant, rpc("tools/list", {}, id=2))
+    assert refused.status_code == 401
+    assert "no longer allowed" in refused.headers["www-authenticate"]
+
+
+def test_access_by_email_domain_at_the_gateway(transactional_db, proxy, internal_json, gateway_url):
+    server = make_server(slug="crm", mcp_url=internal_json.url, access={"email_domains": ["example.com"]})
+    allowed = with_claims(make_grant(server, subject="a"), email="a@example.com")
+    other = with_claims(make_grant(server, subject="b"), email="b@elsewhere.org")
+    assert post(gateway_url(), allowed, rpc("tools/list", {}, id=1)).status_code == 200
+    assert post(gateway_url(), other, rpc("tools/list", {}, id=1)).status_code == 401
