@@ -24,8 +24,9 @@ from django.utils.html import format_html, format_html_join
 from knox.models import AuthToken
 
 from oauthproxy.authserver.views.callback import try_it_cookie_set
+from oauthproxy.console.access_check import server_access_check
 from oauthproxy.console.clients import client_delete, client_update
-from oauthproxy.console.forms import IssuerForm, McpServerForm, RevokeForm, pretty_json
+from oauthproxy.console.forms import AccessCheckForm, IssuerForm, McpServerForm, RevokeForm, pretty_json
 from oauthproxy.console.management.commands.team_create import team_permissions
 from oauthproxy.console.servers import server_delete, server_save
 from oauthproxy.core.audit import audit_record
@@ -326,6 +327,8 @@ class McpServerAdmin(TeamScopedAdmin):
             path("<path:object_id>/try-it/", wrap(self.try_it_view), name="oauthproxy_mcpserver_try_it"),
             path("<path:object_id>/revoke-sessions/", wrap(self.revoke_sessions_view),
                  name="oauthproxy_mcpserver_revoke_sessions"),
+            path("<path:object_id>/who-can-use/", wrap(self.who_can_use_view),
+                 name="oauthproxy_mcpserver_who_can_use"),
         ] + super().get_urls()
 
     def _change_url(self, server) -> str:
@@ -424,6 +427,27 @@ class McpServerAdmin(TeamScopedAdmin):
             "title": f"Try it: {server}",
             "server": server,
             "result": result,
+        }, obj=server)
+
+    def who_can_use_view(self, request, object_id):
+        """ "Who can use this?": the server's and each tool's decision for an email, a subject and groups."""
+        server = self.visible_object_or_404(request, object_id)
+        form = AccessCheckForm(request.GET or None)
+        result = None
+        if form.is_valid():
+            result = server_access_check(
+                server=server,
+                email=form.cleaned_data["email"],
+                subject=form.cleaned_data["subject"],
+                groups=form.cleaned_data["groups"],
+            )
+        return self.render_page(request, "admin/oauthproxy/mcpserver/who_can_use.html", {
+            "title": f"Who can use this? {server}",
+            "server": server,
+            "form": form,
+            "result": result,
+            "access": pretty_json(server.access or {}),
+            "tool_policy": pretty_json(server.tool_policy or []),
         }, obj=server)
 
     def revoke_sessions_view(self, request, object_id):

@@ -127,6 +127,24 @@ class IssuerForm(forms.Form):
     )
 
 
+class AccessCheckForm(forms.Form):
+    """The account the "Who can use this?" check looks at, as the upstream would describe it."""
+
+    email = forms.CharField(required=False, max_length=255, widget=forms.TextInput(attrs={"size": 40}))
+    groups = JsonListField(
+        required=False,
+        help_text="The user's groups, separated by spaces or commas, as the groups claim lists them.",
+        widget=forms.TextInput(attrs={"size": 60}),
+    )
+    subject = forms.CharField(required=False, max_length=255, help_text="Optional: the upstream's sub.")
+
+    def clean_groups(self):
+        groups = self.cleaned_data.get("groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise forms.ValidationError("List the groups as names separated by spaces.")
+        return groups
+
+
 class RevokeForm(forms.Form):
     reason = forms.CharField(
         required=False,
