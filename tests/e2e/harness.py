@@ -622,6 +622,7 @@ class BrowserOutcome:
     location: str
     params: dict[str, str]
     consent_pages: list[str] = field(default_factory=list)  # HTML of each consent page shown
+    denied_pages: list[str] = field(default_factory=list)  # HTML of the proxy's "no access" page, if shown
     trail: list[tuple[str, str, int]] = field(default_factory=list)  # (method, url, status) in order
 
     @property
@@ -670,6 +671,15 @@ def authorize_in_browser(
             response = client.get(location, follow_redirects=False)
             continue
         page_url = str(response.request.url)
+        if response.status_code == 403 and 'id="return-to-client"' in response.text:
+            # The server's access policy refused the user: the page's link takes them back to the client.
+            outcome.denied_pages.append(response.text)
+            link = unescape(response.text.split('id="return-to-client" href="', 1)[1].split('"', 1)[0])
+            if link.split("?", 1)[0] != redirect_uri:
+                raise HarnessError(f"the access-denied page links to {link}, not to the client")
+            outcome.location = link
+            outcome.params = parse_redirect(link)
+            return outcome
         if response.status_code == 200 and "text/html" in response.headers.get("content-type", ""):
             outcome.consent_pages.append(response.text)
             response = submit_consent(client, page_url, response.text, consent)

@@ -35,7 +35,9 @@
 //                         userinfo; 0 makes expiry exact (tests of upstream token expiry need that)
 //   token_delay_ms        0; delay every token-endpoint response (to widen concurrency windows)
 //   token_failures        {count, status, error}: answer the next `count` token requests with an error
-//   extra_scopes          extra scope names the IdP knows (besides openid offline_access profile email)
+//   extra_scopes          extra scope names the IdP knows (besides openid offline_access profile email groups)
+//   account_groups        {"<username>": ["group", ...]}: the `groups` claim (scope `groups`) of each user,
+//                         released in the ID token and at userinfo; changeable at run time (POST /__config)
 //   exit_on_stdin_eof     false; true exits when stdin closes (the test harness sets it, so the IdP dies
 //                         with the test process even when that one is killed)
 //
@@ -88,10 +90,11 @@ const settings = {
   strict_client_id: input.strict_client_id ?? false,
   token_delay_ms: input.token_delay_ms ?? 0,
   token_failures: input.token_failures ?? null,
+  account_groups: input.account_groups ?? {},
 };
 const RUNTIME_KEYS = new Set([
   'access_token_ttl', 'refresh_token_ttl', 'rotate_refresh_tokens', 'refresh_token_policy',
-  'auto_consent', 'strict_client_id', 'token_delay_ms', 'token_failures', 'pkce_required',
+  'auto_consent', 'strict_client_id', 'token_delay_ms', 'token_failures', 'pkce_required', 'account_groups',
 ]);
 
 const host = input.host ?? '127.0.0.1';
@@ -243,6 +246,7 @@ function account(sub) {
         preferred_username: sub,
         email: `${sub}@example.test`,
         email_verified: true,
+        groups: settings.account_groups[sub] ?? [],
       };
     },
   };
@@ -253,12 +257,16 @@ function buildProvider(issuer) {
     adapter: TestAdapter,
     jwks: { keys: [signingJwk] },
     cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
-    scopes: ['openid', 'offline_access', 'profile', 'email', ...(input.extra_scopes ?? [])],
+    scopes: ['openid', 'offline_access', 'profile', 'email', 'groups', ...(input.extra_scopes ?? [])],
     claims: {
       openid: ['sub'],
       profile: ['name', 'preferred_username'],
       email: ['email', 'email_verified'],
+      groups: ['groups'],
     },
+    // Scope-released claims (email, groups) in the ID token from the token endpoint too, as company IdPs
+    // configure it (OIDC's default keeps them for userinfo only); both places carry them.
+    conformIdTokenClaims: false,
     findAccount: async (ctx, sub) => account(sub),
     clockTolerance: input.clock_tolerance ?? 15,
     responseTypes: ['code'],
