@@ -6,9 +6,9 @@ from django.contrib.auth.models import User
 
 from oauthproxy.console.servers import servers_export, servers_import
 from oauthproxy.models import McpServer
+from tests.conftest import make_server
 from tests.console.test_admin import form_data
 from tests.console.test_api import API, alice, api_as, document, teams, world  # noqa: F401 (fixtures)
-from tests.conftest import make_server
 from tests.gateway.internal_server import InternalMcpServer
 
 ACCESS = {"groups": ["sales"], "email_domains": ["example.com"]}
