@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from oauthproxy.core import metrics
+from oauthproxy.core.caching import server_cache_clear
 from oauthproxy.gateway import forwarding
 from oauthproxy.models import AuditEvent
 from tests.conftest import make_server
@@ -201,7 +202,7 @@ def test_an_access_policy_change_reaches_existing_sessions(transactional_db, pro
 
     server.access = {"groups": ["finance"]}
     server.save()
-    forwarding._servers.clear()  # what the server cache lifetime (GATEWAY_SERVER_CACHE_SECONDS) does
+    server_cache_clear()  # what the server cache lifetime (SERVER_CACHE_SECONDS) does on other instances
     refused = post(gateway_url(), grant, rpc("tools/list", {}, id=2))
     assert refused.status_code == 401
     assert "no longer allowed" in refused.headers["www-authenticate"]
