@@ -89,12 +89,12 @@ def test_user_in_the_tool_group_sees_and_calls_the_tool(transactional_db, proxy,
 
 
 def test_server_without_tool_policy_lists_and_calls_every_tool(gateway, gateway_url, internal, monkeypatch):
-    from oauthproxy.gateway import asgi
+    from oauthproxy.gateway import views
 
     def must_not_parse(**kwargs):
         raise AssertionError("the tool policy must not look at requests of a server without one")
 
-    monkeypatch.setattr(asgi, "tool_plan", must_not_parse)
+    monkeypatch.setattr(views, "tool_plan", must_not_parse)
 
     async def scenario():
         async with mcp_client(gateway_url(), gateway.token) as client:
