@@ -186,10 +186,10 @@ async def tool_plan_apply(*, server: GatewayServer, grant: TokenGrant, plan: Too
             merged = json.dumps(plan.refusals if plan.batch else plan.refusals[0]).encode()
             headers = {**response.headers, "content-type": "application/json"}
             return ForwardedResponse(200 if response.status == 202 else response.status, headers, merged, None,
-                                     response.upstream)
+                                     response.internal)
         return response
     content = _json_filtered(content, server=server, grant=grant, plan=plan)
-    return ForwardedResponse(response.status, response.headers, content, None, response.upstream)
+    return ForwardedResponse(response.status, response.headers, content, None, response.internal)
 
 
 def _too_large(server: GatewayServer) -> GatewayError:
