@@ -11,7 +11,7 @@ import oauthproxy.core.fields
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('oauthproxy', '0007_try_it'),
+        ('oauthproxy', '0008_team_api_token'),
     ]
 
     operations = [
