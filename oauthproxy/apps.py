@@ -19,3 +19,32 @@ class OAuthProxyConfig(AppConfig):
         client_model = self.get_model("Client")
         post_save.connect(client_cache_forget, sender=client_model, dispatch_uid="oauthproxy.client_cache.save")
         post_delete.connect(client_cache_forget, sender=client_model, dispatch_uid="oauthproxy.client_cache.delete")
+
+        # Revocation reaches every process at once (oauthproxy.core.invalidation).
+        from oauthproxy.core.invalidation import invalidation_handler_register, invalidation_publish
+        from oauthproxy.gateway.auth import gateway_invalidation_handle
+
+        invalidation_handler_register(gateway_invalidation_handle)
+        invalidation_handler_register(lambda kind, key: server_cache_clear() if kind == "server" else None)
+
+        def server_changed(*, instance, **_kwargs):
+            invalidation_publish(kind="server", key=instance.slug)
+
+        def client_changed(*, instance, signal, **_kwargs):
+            if signal is post_delete or instance.disabled:
+                invalidation_publish(kind="client", key=str(instance.pk))
+
+        def session_saved(*, instance, **_kwargs):
+            if instance.revoked_at is not None:
+                invalidation_publish(kind="session", key=str(instance.pk))
+
+        session_model = self.get_model("UpstreamSession")
+        post_save.connect(server_changed, sender=server_model, weak=False, dispatch_uid="oauthproxy.inval.server.save")
+        post_delete.connect(server_changed, sender=server_model, weak=False, dispatch_uid="oauthproxy.inval.server.del")
+        post_save.connect(client_changed, sender=client_model, weak=False, dispatch_uid="oauthproxy.inval.client.save")
+        post_delete.connect(client_changed, sender=client_model, weak=False, dispatch_uid="oauthproxy.inval.client.del")
+        post_save.connect(session_saved, sender=session_model, weak=False, dispatch_uid="oauthproxy.inval.session")
+        post_delete.connect(
+            lambda *, instance, **_kw: invalidation_publish(kind="session", key=str(instance.pk)),
+            sender=session_model, weak=False, dispatch_uid="oauthproxy.inval.session.del",
+        )

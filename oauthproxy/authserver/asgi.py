@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
 from django.core import signals
+from django.core.exceptions import BadRequest
 from django.core.handlers.asgi import ASGIRequest
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.exception import response_for_exception
@@ -124,6 +125,8 @@ def _program_response(request: ASGIRequest, match: ResolverMatch) -> HttpRespons
             response = response.render()
     except (OperationalError, InterfaceError) as exc:
         response = database_unavailable_response(request, exc)
+    except (BadRequest, UnicodeDecodeError, LookupError):  # a body Django cannot decode: RFC error, not HTML
+        response = oauth_error_response(InvalidRequest("The request body could not be decoded."))
     except Exception as exc:  # Django's answer to any exception: 400/403/404, or a logged 500
         response = response_for_exception(request, exc)
     _security_middleware.process_response(request, response)

@@ -57,14 +57,14 @@ from oauthproxy.core.exceptions import (
     UnauthorizedClient,
     UpstreamError,
 )
-from oauthproxy.core.ratelimit import rate_limit_hit
+from oauthproxy.core.ratelimit import rate_limit_check, rate_limit_count, rate_limit_hit
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import db_values, row_instance, select_list
 from oauthproxy.grants.access import access_decide
 from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
 from oauthproxy.grants.sessions import Subject, subject_learn, upstream_session_create
 from oauthproxy.models import AuditEvent, Client, Consent, Grant, McpServer, PendingAuthorization
-from oauthproxy.upstream.client import TokenSet, UpstreamClient
+from oauthproxy.upstream.client import TokenSet, UpstreamClient, upstream_nonce_expected
 
 logger = logging.getLogger(__name__)
 
@@ -205,16 +205,24 @@ class AuthorizationRequest:
     resource: str
 
 
-def authorization_client_verify(*, server: McpServer, params: Mapping[str, Sequence[str]]) -> tuple[Client, str]:
+def authorization_client_verify(
+    *, server: McpServer, params: Mapping[str, Sequence[str]], source: str = ""
+) -> tuple[Client, str]:
     """The client and its redirect URI, both verified for this server. Raises ``OAuthError`` (shown as a
-    page: nothing is trusted enough to redirect to yet)."""
+    page: nothing is trusted enough to redirect to yet).
+
+    ``source``: the caller's address. Every request counts against ``authorize:source`` (address and
+    client_id together); the client's own ``authorize:client`` limit is only checked here and counted by
+    ``authorization_request_validate`` once the whole request proved valid, so a stranger's junk naming
+    a victim's client_id cannot lock the victim out (issue 13, finding 3)."""
     client_id = _one(params, "client_id")
     if not client_id:
         raise InvalidRequest("The request has no client_id.")
     if len(client_id) > MAX_CLIENT_ID_LENGTH or _CONTROL_RE.search(client_id):
         raise InvalidClient("This application is not registered with this server.")
     # Before resolving: resolving a metadata-document client may fetch a URL.
-    rate_limit_hit(name="authorize:client", key=f"{server.slug}:{client_id}")
+    rate_limit_hit(name="authorize:source", key=f"{server.slug}:{source}:{client_id}")
+    rate_limit_check(name="authorize:client", key=f"{server.slug}:{client_id}")
     client = client_resolve(server=server, client_id=client_id)
     if client is None or client.server_id != server.pk:
         raise InvalidClient(
@@ -233,14 +241,14 @@ def authorization_client_verify(*, server: McpServer, params: Mapping[str, Seque
 
 
 def authorization_request_validate(
-    *, server: McpServer, params: Mapping[str, Sequence[str]]
+    *, server: McpServer, params: Mapping[str, Sequence[str]], source: str = ""
 ) -> AuthorizationRequest:
     """Validate an authorization request (RFC 6749 §4.1.1, RFC 7636, RFC 8707, OAuth 2.1).
 
     Raises ``OAuthError`` while the redirect URI is not trusted (render it as a page), ``ErrorRedirect``
     afterwards.
     """
-    client, redirect_uri = authorization_client_verify(server=server, params=params)
+    client, redirect_uri = authorization_client_verify(server=server, params=params, source=source)
 
     raw_state = (params.get("state") or [""])[0]
     state = raw_state if len(raw_state) <= MAX_STATE_LENGTH and not _CONTROL_RE.search(raw_state) else ""
@@ -293,6 +301,7 @@ def authorization_request_validate(
     else:
         scopes = tuple(available)
 
+    rate_limit_count(name="authorize:client", key=f"{server.slug}:{client.client_id}")  # a valid request
     return AuthorizationRequest(
         server=server,
         client=client,
@@ -701,7 +710,8 @@ def authorization_complete(
     tokens: TokenSet | None = None
     try:
         tokens = upstream.exchange_code(code=code, code_verifier=pending.upstream_code_verifier or None)
-        subject = subject_learn(server=server, tokens=tokens)
+        nonce = upstream_nonce_expected(server, _one(params, "state") or "")  # what this login sent
+        subject = subject_learn(server=server, tokens=tokens, nonce=nonce)
     except UpstreamError as exc:
         if tokens is not None:  # exchanged but unusable: do not leave live upstream tokens behind
             _upstream_tokens_discard(upstream, tokens)

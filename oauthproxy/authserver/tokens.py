@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.core.exceptions import SuspiciousOperation
+from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.db import transaction
 from django.http import HttpRequest, UnreadablePostError
 from django.utils import timezone
@@ -39,7 +39,7 @@ from oauthproxy.core import metrics
 from oauthproxy.core.audit import audit_logged, audit_record
 from oauthproxy.core.caching import TTLCache
 from oauthproxy.core.exceptions import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
-from oauthproxy.core.ratelimit import client_ip, rate_limit_hit
+from oauthproxy.core.ratelimit import client_ip, rate_limit_check, rate_limit_count, rate_limit_hit
 from oauthproxy.grants.selectors import access_token_get_active
 from oauthproxy.grants.sessions import upstream_session_revoke
 from oauthproxy.models import AuditEvent, Client, IntrospectionCredential, McpServer, RefreshToken, UpstreamSession
@@ -119,10 +119,15 @@ def form_read(request: HttpRequest, *, allowed: frozenset[str]) -> list[tuple[st
         raise InvalidRequest("Send the parameters in the request body, not in the URL.")
     if request.content_type != FORM_CONTENT_TYPE:
         raise InvalidRequest(f"The request body must be {FORM_CONTENT_TYPE}.")
+    charset = request.content_params.get("charset", "utf-8").strip().lower()
+    if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):  # RFC 6749 Appendix B: UTF-8 only
+        raise InvalidRequest("The request body must be encoded as UTF-8.")
     try:
         fields = list(request.POST.lists())
-    except (SuspiciousOperation, UnreadablePostError):  # too large, too many fields, connection lost
+    except (SuspiciousOperation, BadRequest, UnreadablePostError):  # too large, too many fields, lost
         raise InvalidRequest("The request body could not be read.")
+    except (UnicodeDecodeError, LookupError):  # an encoding Django could not apply
+        raise InvalidRequest("The request body must be encoded as UTF-8.")
     form = []
     for name, values in fields:
         if name not in allowed:
@@ -146,11 +151,21 @@ def _credentials(request: HttpRequest, params: dict[str, str]) -> ClientCredenti
 
 
 def _rate_limit(*, server: McpServer, request: HttpRequest, client_id: str | None) -> None:
+    """Every request counts per address and client_id (a stranger spends only their own budget); the
+    client's own limit is only checked here, and counted once a request succeeded (``_client_counted``)."""
     if client_id:
-        key = client_id if len(client_id) <= 200 else hashlib.sha256(client_id.encode()).hexdigest()
-        rate_limit_hit(name="token:client", key=f"{server.slug}:{key}")
+        rate_limit_hit(name="token:source", key=f"{server.slug}:{client_ip(request)}:{_client_key(client_id)}")
+        rate_limit_check(name="token:client", key=f"{server.slug}:{_client_key(client_id)}")
     else:
         rate_limit_hit(name="token:ip", key=f"{server.slug}:{client_ip(request)}")
+
+
+def _client_counted(*, server: McpServer, client_id: str) -> None:
+    rate_limit_count(name="token:client", key=f"{server.slug}:{_client_key(client_id)}")
+
+
+def _client_key(client_id: str) -> str:
+    return client_id if len(client_id) <= 200 else hashlib.sha256(client_id.encode()).hexdigest()
 
 
 def _json_headers(*, server: McpServer | None, status: int) -> dict[str, str]:
@@ -201,6 +216,8 @@ def token_request_handle(*, server: McpServer, request: HttpRequest) -> Endpoint
             status, body = 200, outcome.replay_body
         elif status == 200:
             _tokens_issued(server=server, grant_type=grant_type, outcome=outcome, body=body)
+    if status == 200:
+        _client_counted(server=server, client_id=credentials.client_id)
     _sessions_end(server=server, outcome=outcome)
     metrics.token_request_record(
         server=server.slug,
@@ -289,6 +306,7 @@ def revocation_request_handle(*, server: McpServer, request: HttpRequest) -> End
     outcome = validator.outcome
     _uri, _headers, body, status = core.create_revocation_response(request)
     if status == 200 and outcome.revoked_token:
+        _client_counted(server=server, client_id=credentials.client_id)
         audit_record(
             kind=AuditEvent.Kind.TOKEN_REVOKED,
             server=server,

@@ -30,9 +30,22 @@ def redact(text: str) -> str:
 
 
 class RedactSecretsFilter(logging.Filter):
+    """Rewrites a record whose message holds a secret. Attached to the handlers and to uvicorn's loggers
+    (whose access log line carries the request's query string)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
+        if cleaned == message:
+            return True
+        if isinstance(record.args, tuple):
+            # Keep the record's shape (uvicorn's access formatter unpacks its arguments): redact each one.
+            args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            try:
+                if redact(record.msg % args) == record.msg % args:
+                    record.args = args
+                    return True
+            except (TypeError, ValueError):
+                pass
+        record.msg, record.args = cleaned, None
         return True

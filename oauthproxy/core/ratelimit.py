@@ -1,9 +1,15 @@
 """Fixed-window rate limits on the shared cache (Redis in production, so limits hold across instances).
 
-Open endpoints are limited per (endpoint, server, key). The key is chosen by the caller: the client_id
-where one is known, so one misbehaving client cannot lock out other clients that share a hosted
-client's egress IPs (DESIGN §5.9); the IP address only where nothing better exists, with limits high
-enough for a NAT of many users.
+Open endpoints are limited per (endpoint, server, key), in two kinds (issue 13, finding 3: no lockouts by
+strangers):
+
+- *source* limits (``authorize:source``, ``token:source``, ``token:ip``, ``register:ip``) count every
+  request, authenticated or not, per caller address together with the client_id it names: a stranger
+  spends their own budget only, never a victim's, whose requests come from elsewhere;
+- *client* limits (``authorize:client``, ``token:client``), which protect the shared upstream and the
+  client's own users, count only requests that passed: a valid authorization request, a token request
+  whose client authenticated and whose grant was good. They are checked before (``rate_limit_check``) and
+  counted after (``rate_limit_count``), so junk naming a victim's client_id never fills them.
 
 One counter per (name, hashed key, window number). On Redis a hit is one round trip: ``INCR`` and
 ``EXPIRE`` in one ``MULTI`` transaction (the counter of a window lives one second longer than the window;
@@ -22,9 +28,11 @@ from oauthproxy.core.settings import proxy_settings
 DEFAULT_LIMITS = {
     # name: (requests, window seconds)
     "register:ip": (60, 60),
-    "authorize:client": (120, 60),
-    "token:client": (600, 60),
-    "token:ip": (3000, 60),
+    "authorize:source": (120, 60),  # per address and client_id, every request
+    "authorize:client": (120, 60),  # per client_id, valid authorization requests only
+    "token:source": (600, 60),  # per address and client_id, every request
+    "token:client": (600, 60),  # per client_id, successful token requests only
+    "token:ip": (3000, 60),  # per address, requests without a client_id
     "introspect:credential": (6000, 60),
 }
 
@@ -40,12 +48,39 @@ def rate_limit_hit(*, name: str, key: str) -> None:
     if limit <= 0:
         return
     now = int(time.time())
-    bucket = now // window
-    # The key may hold client-supplied text (a client_id): hash it so any cache backend accepts it.
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    count = _count(f"rl:{name}:{digest}:{bucket}", timeout=window + 1)
+    # The key may hold client-supplied text (a client_id): hashed so any cache backend accepts it.
+    count = _count(_cache_key(name, key, now // window), timeout=window + 1)
     if count > limit:
         raise RateLimited(retry_after=window - (now % window) or 1)
+
+
+def rate_limit_check(*, name: str, key: str) -> None:
+    """Raise RateLimited when this window's budget is spent, without counting this request: with
+    ``rate_limit_count`` after it succeeded, a limit only successful requests can fill."""
+    limit, window = _limit(name)
+    if limit <= 0:
+        return
+    now = int(time.time())
+    if _current(_cache_key(name, key, now // window)) >= limit:
+        raise RateLimited(retry_after=window - (now % window) or 1)
+
+
+def rate_limit_count(*, name: str, key: str) -> None:
+    """Count one successful request against ``name`` (see ``rate_limit_check``)."""
+    limit, window = _limit(name)
+    if limit > 0:
+        _count(_cache_key(name, key, int(time.time()) // window), timeout=window + 1)
+
+
+def _cache_key(name: str, key: str, bucket: int) -> str:
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"rl:{name}:{digest}:{bucket}"
+
+
+def _current(cache_key: str) -> int:
+    redis = _redis_client()
+    value = redis.get(cache.make_key(cache_key)) if redis is not None else cache.get(cache_key)
+    return int(value or 0)
 
 
 def _count(cache_key: str, *, timeout: int) -> int:

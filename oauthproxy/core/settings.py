@@ -14,6 +14,9 @@ from typing import Any
 from django.conf import settings
 
 DEFAULTS: dict[str, Any] = {
+    # Revocations reach the other processes through PostgreSQL LISTEN/NOTIFY (core/invalidation.py);
+    # off: the per-process caches' lifetimes bound how late they take effect there.
+    "INVALIDATION_LISTEN": True,
     # Proxy tokens (each server may override the lifetimes).
     "ACCESS_TOKEN_LIFETIME": 3600,
     "REFRESH_TOKEN_LIFETIME": 30 * 24 * 3600,

@@ -17,9 +17,9 @@ import logging
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase
 
-from oauthproxy.core.asgi import BodyTooLarge, body_read, django_response_send, headers_encode, response_send
-from oauthproxy.gateway.forwarding import ForwardedResponse, max_request_bytes
-from oauthproxy.gateway.views import gateway_handle, jsonrpc_response, too_large_response
+from oauthproxy.core.asgi import body_read, django_response_send, headers_encode, response_send
+from oauthproxy.gateway.forwarding import ForwardedResponse
+from oauthproxy.gateway.views import ClientGone, gateway_handle, jsonrpc_response
 from oauthproxy.urls import GATEWAY_PATH
 
 logger = logging.getLogger(__name__)
@@ -38,17 +38,24 @@ def gateway_path_slug(scope: dict) -> str | None:
 
 
 async def gateway_asgi(scope: dict, receive, send, *, slug: str) -> None:
-    """Serve one gateway request over ASGI with the ``gateway`` view and no middleware."""
+    """Serve one gateway request over ASGI with the ``gateway`` view and no middleware.
+
+    The request is built from the headers alone: the body is read from ``receive`` only after the
+    gateway authenticated the request (``gateway_handle``'s ``read_body``), so a stranger's large body
+    is never buffered (issue 13, finding 5).
+    """
+
+    async def read_body(limit: int) -> bytes:
+        body = await body_read(receive, limit=limit)
+        if body is None:
+            raise ClientGone()
+        return body
+
     try:
-        body = await body_read(receive, limit=max_request_bytes())
-    except BodyTooLarge:
-        await django_response_send(too_large_response(), send)
+        request = ASGIRequest(scope, io.BytesIO(b""))
+        result = await gateway_handle(request, slug, read_body=read_body)
+    except ClientGone:  # the client went away
         return
-    if body is None:  # the client went away
-        return
-    try:
-        request = ASGIRequest(scope, io.BytesIO(body))
-        result = await gateway_handle(request, slug)
     except UnicodeDecodeError:  # as Django's handler: a query string that is not UTF-8
         result = jsonrpc_response(400, "The request could not be decoded.")
     except Exception:  # the last-chance handler Django's ASGI handler would be

@@ -146,6 +146,19 @@ def gateway_auth_caches_clear() -> None:
     _credentials.clear()
 
 
+def gateway_invalidation_handle(kind: str, key: str) -> None:
+    """Forget what an invalidation names (``oauthproxy.core.invalidation``): an ended session's tokens are
+    refused from the next request on; a disabled or deleted client or a changed server drops every
+    validated token, so each is checked against the database again."""
+    if kind == "session":
+        try:
+            _credentials.set(UUID(key), _SESSION_ENDED, ttl=max(cache_seconds(), 1.0))
+        except ValueError:
+            return
+    elif kind in ("client", "server"):
+        _tokens.clear()
+
+
 def gateway_token_forget(raw_token: str) -> None:
     """Drop one token from this process's cache (other processes drop it within the cache TTL)."""
     _tokens.pop(token_checksum(raw_token))
@@ -170,6 +183,8 @@ async def gateway_token_authenticate(*, server: GatewayServer, authorization: st
         record = await _token_loads.run(checksum, lambda: _token_load(checksum))
     if isinstance(record, _Refused):
         raise InvalidToken(record.description)
+    if _credentials.get(record.session_id) is _SESSION_ENDED:  # ended here or announced by another process
+        raise InvalidToken(_SESSION_ENDED.description)
     if record.expires <= time.time():
         raise InvalidToken("The access token expired.")
     # Audience (DESIGN §5.5): the token must name this server's resource and belong to its client.

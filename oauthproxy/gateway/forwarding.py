@@ -38,6 +38,7 @@ from oauthproxy.gateway.auth import (
     gateway_auth_caches_clear,
     gateway_upstream_credential,
 )
+from oauthproxy.gateway.mcp_sessions import mcp_session_id_open, mcp_session_id_seal
 from oauthproxy.gateway.servers import GatewayServer
 
 logger = logging.getLogger(__name__)
@@ -45,14 +46,20 @@ logger = logging.getLogger(__name__)
 # Fixed per process (and gateway_http.MAX_CONNECTIONS, KEEPALIVE_EXPIRY).
 BUFFERED_RESPONSE_BYTES = 1024 * 1024  # non-SSE answers up to this size are read whole, then sent
 
-# Request headers that go on to the internal server, plus every MCP header (Mcp-Session-Id,
-# MCP-Protocol-Version, Mcp-Method, Mcp-Name, Mcp-Param-*). Everything else stays behind, in
-# particular the client's Authorization, Cookie, Origin and any X-MCP-* identity headers it made up.
-FORWARDED_REQUEST_HEADERS = frozenset({"accept", "content-type", "last-event-id"})
-# Response headers that come back, plus every MCP header. Not WWW-Authenticate (it would describe the
-# internal server's auth, not ours), Set-Cookie or hop-by-hop headers.
-RETURNED_RESPONSE_HEADERS = frozenset({"content-type", "content-encoding", "cache-control", "allow", "retry-after"})
-MCP_HEADER_PREFIX = "mcp-"
+# Request headers that go on to the internal server: the MCP headers the specification names
+# (Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID; the 2026 envelope's Mcp-Method, Mcp-Name and
+# Mcp-Param-<name>). Everything else stays behind, in particular the client's Authorization, Cookie,
+# Origin, any X-MCP-* identity header and any other Mcp-* header it made up (issue 13, finding 10).
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {"accept", "content-type", "last-event-id", "mcp-session-id", "mcp-protocol-version", "mcp-method", "mcp-name"}
+)
+MCP_PARAM_HEADER_PREFIX = "mcp-param-"
+# Response headers that come back. Not WWW-Authenticate (it would describe the internal server's auth,
+# not ours), Set-Cookie, hop-by-hop headers or MCP headers the specification does not name.
+RETURNED_RESPONSE_HEADERS = frozenset(
+    {"content-type", "content-encoding", "cache-control", "allow", "retry-after", "mcp-session-id",
+     "mcp-protocol-version"}
+)
 
 USER_AGENT = "mcp-oauth-proxy"
 SSE_KEEPALIVE = b": keep-alive\n\n"
@@ -143,6 +150,10 @@ async def gateway_forward(
             await response.aclose()
             raise InvalidToken("The MCP server refused this session's credentials; authorize again.")
     returned = _returned_headers(response)
+    if "mcp-session-id" in returned:
+        returned["mcp-session-id"] = mcp_session_id_seal(
+            session_id=returned["mcp-session-id"], grant_session=grant.session_id
+        )
     sse = returned.get("content-type", "").startswith("text/event-stream")
     if not sse and _small(response):
         try:
@@ -182,7 +193,11 @@ def _forwarded_headers(
     ]
     for name, value in headers:
         name = name.lower()
-        if name in FORWARDED_REQUEST_HEADERS or name.startswith(MCP_HEADER_PREFIX):
+        if name == "mcp-session-id":  # bound to the grant that opened it: unwrapped, or refused
+            value = mcp_session_id_open(value=value, grant_session=grant.session_id)
+            if value is None:
+                raise GatewayError("Session not found.", status=404)
+        if name in FORWARDED_REQUEST_HEADERS or name.startswith(MCP_PARAM_HEADER_PREFIX):
             forwarded.append((name, value if _SAFE_HEADER_VALUE.fullmatch(value) else _header_value(name, value)))
     if server.send_identity_headers:
         forwarded.append(("x-mcp-subject", _identity_value(grant.subject)))
@@ -265,7 +280,7 @@ def _returned_headers(response: InternalServerResponse) -> dict[str, str]:
     returned = {}
     for raw_name, raw_value in response.headers:  # as the server wrote them
         name = raw_name.decode("latin-1").lower()
-        if name in RETURNED_RESPONSE_HEADERS or name.startswith(MCP_HEADER_PREFIX):
+        if name in RETURNED_RESPONSE_HEADERS:
             returned[name] = raw_value.decode("latin-1")
     if returned.get("content-type", "").startswith("text/event-stream"):
         returned.setdefault("cache-control", "no-cache")

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from oauthproxy.core import metrics
+from oauthproxy.core.asgi import BodyTooLarge
 from oauthproxy.core.exceptions import OAuthError, oauth_error_response
+from oauthproxy.core.invalidation import invalidation_listen_ensure
 from oauthproxy.gateway.auth import bearer_challenge, gateway_token_authenticate
 from oauthproxy.gateway.forwarding import (
     ForwardedResponse,
@@ -39,6 +42,17 @@ logger = logging.getLogger(__name__)
 ALLOWED_METHODS = ("GET", "POST", "DELETE")
 
 
+BodyReader = Callable[[int], Awaitable[bytes]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: there is no one to answer."""
+
+
+async def _django_body(request: HttpRequest, limit: int) -> bytes:
+    return request.read(limit + 1)  # Django's handler has the body already (spooled to disk when large)
+
+
 @csrf_exempt
 async def gateway(request: HttpRequest, slug: str) -> HttpResponseBase:
     result = await gateway_handle(request, slug)
@@ -53,11 +67,20 @@ async def gateway(request: HttpRequest, slug: str) -> HttpResponseBase:
     return response
 
 
-async def gateway_handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedResponse:
-    """The gateway's answer: an error response of its own, or the internal server's (body unread)."""
+async def gateway_handle(
+    request: HttpRequest, slug: str, *, read_body: BodyReader | None = None
+) -> HttpResponse | ForwardedResponse:
+    """The gateway's answer: an error response of its own, or the internal server's (body unread).
+
+    ``read_body(limit)`` reads the request body (``request.read`` by default); it is called only once
+    the slug, the method, the token and the declared ``Content-Length`` passed, so a refused request
+    costs no body memory (issue 13, finding 5). It returns at most ``limit + 1`` bytes or raises
+    ``BodyTooLarge``/``ClientGone``.
+    """
     started = time.perf_counter()
+    invalidation_listen_ensure()  # revocations from other processes (a flag check once started)
     try:
-        result = await _handle(request, slug)
+        result = await _handle(request, slug, read_body or (lambda limit: _django_body(request, limit)))
     except DatabaseError:
         # Only cache misses reach the database: cached tokens keep working while it is away.
         logger.exception("gateway %s: database unavailable", slug)
@@ -75,7 +98,7 @@ async def gateway_handle(request: HttpRequest, slug: str) -> HttpResponse | Forw
     return result
 
 
-async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedResponse:
+async def _handle(request: HttpRequest, slug: str, read_body: BodyReader) -> HttpResponse | ForwardedResponse:
     if request.method not in ALLOWED_METHODS:
         response = jsonrpc_response(405, f"Method {request.method} is not allowed here.")
         response["Allow"] = ", ".join(ALLOWED_METHODS)
@@ -93,7 +116,14 @@ async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedRe
     body = b""
     if request.method == "POST":
         limit = max_request_bytes()
-        body = request.read(limit + 1)
+        try:
+            if _declared_length(request) > limit:  # refused before a byte of it is read
+                return too_large_response()
+            body = await read_body(limit)
+        except BodyTooLarge:
+            return too_large_response()
+        except ValueError:
+            return jsonrpc_response(400, "The Content-Length header is not a number.")
         if len(body) > limit:
             return too_large_response()
     plan = tool_plan(server=server, grant=grant, body=body) if server.tool_policy and body else None
@@ -116,6 +146,16 @@ async def _handle(request: HttpRequest, slug: str) -> HttpResponse | ForwardedRe
         if exc.retry_after:
             response["Retry-After"] = str(exc.retry_after)
         return response
+
+
+def _declared_length(request: HttpRequest) -> int:
+    """The request's ``Content-Length`` (0 when absent); ValueError when it is not a number."""
+    value = request.headers.get("Content-Length", "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
 
 
 def too_large_response() -> HttpResponse:

@@ -40,13 +40,14 @@ class Subject:
         return self.claims or UserClaims(subject=self.value)
 
 
-def subject_learn(*, server: McpServer, tokens: TokenSet) -> Subject:
+def subject_learn(*, server: McpServer, tokens: TokenSet, nonce: str | None = None) -> Subject:
     """Who logged in: the ID token's ``sub``, else userinfo's ``sub`` (or GitHub-style ``id``), else an
     opaque identifier for this grant alone; with the claims the server's access policies need (email,
-    groups), from the ID token and, when it lacks them, userinfo."""
+    groups), from the ID token and, when it lacks them, userinfo. ``nonce``: what the login sent
+    (``upstream_nonce_expected``); the ID token must carry it."""
     client = UpstreamClient(server)
     if tokens.id_token:
-        claims = client.id_token_claims(id_token=tokens.id_token)
+        claims = client.id_token_claims(id_token=tokens.id_token, nonce=nonce)
         subject = str(claims["sub"])
         claims = _with_userinfo(server, client, claims, access_token=tokens.access_token, subject=subject)
         return Subject(subject, "id_token", user_claims_from(subject=subject, claims=claims,

@@ -6,6 +6,8 @@ an operator can act on. Policy (when to refresh, what to store) lives in ``upstr
 """
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -246,6 +248,19 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 
 
+def upstream_nonce(state: str) -> str:
+    """The OpenID ``nonce`` of the login whose upstream state is ``state``: derived from it with a key of
+    this deployment, so the callback, which holds the raw state, can check the ID token's ``nonce``
+    without storing anything (the state itself is random, single-use and bound to the browser)."""
+    key = hashlib.sha256(b"oauthproxy.upstream.nonce\x00" + settings.SECRET_KEY.encode()).digest()
+    return base64.urlsafe_b64encode(hmac.new(key, state.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+
+
+def upstream_nonce_expected(server: McpServer, state: str) -> str | None:
+    """The nonce the ID token must carry: only OpenID logins (``openid`` in the scopes) send one."""
+    return upstream_nonce(state) if "openid" in (server.scopes or []) else None
+
+
 class UpstreamClient:
     """Talks to one server's upstream with its single stored credential."""
 
@@ -267,6 +282,9 @@ class UpstreamClient:
         if server.use_pkce and code_challenge:
             params["code_challenge"] = code_challenge
             params["code_challenge_method"] = "S256"
+        nonce = upstream_nonce_expected(server, state)
+        if nonce:  # OpenID: the ID token must echo it (checked in id_token_claims)
+            params["nonce"] = nonce
         extra = dict(server.extra_authorize_params or {})
         # OpenID providers issue a refresh token for offline_access only with prompt=consent (DESIGN §6).
         if "offline_access" in scopes and "prompt" not in extra:
@@ -377,7 +395,14 @@ class UpstreamClient:
         cache.set(cache_key, data, 3600)
         return data
 
-    def id_token_claims(self, *, id_token: str) -> dict:
+    def id_token_claims(self, *, id_token: str, nonce: str | None = None) -> dict:
+        """The verified claims (see ``_id_token_decode``); with ``nonce``, the token must carry it."""
+        claims = self._id_token_decode(id_token)
+        if nonce is not None and claims.get("nonce") != nonce:
+            raise UpstreamError("id_token rejected: the nonce does not match this login", oauth_error="server_error")
+        return claims
+
+    def _id_token_decode(self, id_token: str) -> dict:
         """The claims of an ID token received from the token endpoint.
 
         With an ``issuer`` configured the signature is checked against the upstream's JWKS, with
@@ -388,11 +413,11 @@ class UpstreamClient:
         options = {"require": ["sub"]}
         try:
             if not self.server.issuer:
-                return jwt.decode(
+                return self._authorized_party_check(jwt.decode(
                     id_token,
                     options={"verify_signature": False, "verify_aud": True, **options},
                     audience=self.server.client_id,
-                )
+                ))
             metadata = self.provider_metadata()
             jwks_uri = metadata.get("jwks_uri")
             if not jwks_uri:
@@ -405,7 +430,7 @@ class UpstreamClient:
                 raise UpstreamError(f"id_token signed with unsupported algorithm {algorithm!r}",
                                     oauth_error="server_error")
             key = self._signing_key(jwks_uri, header.get("kid"))
-            return jwt.decode(
+            return self._authorized_party_check(jwt.decode(
                 id_token,
                 key=key,
                 algorithms=[algorithm],
@@ -413,9 +438,21 @@ class UpstreamClient:
                 issuer=metadata.get("issuer", self.server.issuer),
                 leeway=60,
                 options=options,
-            )
+            ))
         except jwt.PyJWTError as exc:
             raise UpstreamError(f"id_token rejected: {exc}", oauth_error="server_error")
+
+    def _authorized_party_check(self, claims: dict) -> dict:
+        """OIDC Core §3.1.3.7 (4, 5): with several audiences the token must name us as ``azp``; an ``azp``
+        present must be us (a token issued to another client that lists us among its audiences is not a
+        login at our client)."""
+        audiences = claims.get("aud")
+        azp = claims.get("azp")
+        several = isinstance(audiences, list) and len(audiences) > 1
+        if (several and azp is None) or (azp is not None and azp != self.server.client_id):
+            raise UpstreamError("id_token rejected: issued to another authorized party (azp)",
+                                oauth_error="server_error")
+        return claims
 
     def _signing_key(self, jwks_uri: str, kid: str | None):
         cache_key = f"upstream-jwks:{jwks_uri}"

@@ -36,7 +36,7 @@ from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import AccessDenied, InvalidRequest, UpstreamError
 from oauthproxy.grants.sessions import subject_learn
 from oauthproxy.models import AuditEvent, McpServer, PendingAuthorization
-from oauthproxy.upstream.client import TokenSet, UpstreamClient
+from oauthproxy.upstream.client import TokenSet, UpstreamClient, upstream_nonce_expected
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def try_it_complete(
     _describe_tokens(result, tokens)
     result.step = "subject"
     try:
-        subject = subject_learn(server=server, tokens=tokens)
+        subject = subject_learn(server=server, tokens=tokens, nonce=upstream_nonce_expected(server, state))
     except UpstreamError as exc:
         result.reason = f"Tokens were issued, but the subject could not be learnt: {exc.reason}"
     else:

@@ -177,5 +177,10 @@ LOGGING = {
         # oauthlib logs request bodies (codes, secrets) at DEBUG; never let that through.
         "oauthlib": {"level": "WARNING"},
         "django.db.backends": {"level": "INFO"},
+        # uvicorn's own loggers do not propagate to the root: route them through the redacting handler
+        # (the access log line holds the request path with its query: /callback?code=...&state=...).
+        # The filter on the loggers themselves also covers handlers added later (a --log-config).
+        "uvicorn.access": {"handlers": ["console"], "filters": ["redact"], "propagate": False},
+        "uvicorn.error": {"handlers": ["console"], "filters": ["redact"], "propagate": False},
     },
 }

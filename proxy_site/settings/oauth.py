@@ -38,6 +38,8 @@ OAUTH2_PROVIDER = {
 # lifetimes can be overridden per server).
 OAUTHPROXY = {
     "ACCESS_TOKEN_LIFETIME": env_int("ACCESS_TOKEN_LIFETIME", 3600),
+    # Revocations reach the other processes through PostgreSQL LISTEN/NOTIFY (oauthproxy/core/invalidation.py).
+    "INVALIDATION_LISTEN": env_bool("INVALIDATION_LISTEN", True),
     "REFRESH_TOKEN_LIFETIME": env_int("REFRESH_TOKEN_LIFETIME", 30 * 24 * 3600),
     "UPSTREAM_STATE_LIFETIME": env_int("UPSTREAM_STATE_LIFETIME", 600),
     # A client that retries a code it just redeemed gets a clean invalid_grant (its tokens stay valid);

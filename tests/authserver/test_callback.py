@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from oauthproxy.authserver.views.authorize import BROWSER_COOKIE
 from oauthproxy.models import AuditEvent, Client, Grant, PendingAuthorization, UpstreamSession
+from oauthproxy.upstream.client import upstream_nonce
 from tests.conftest import make_server
 from tests.factories import run_in_threads
 from tests.flows.helpers import (
@@ -182,13 +183,27 @@ class TestSubject:
         server = make_server(issuer="https://idp.example.com")
         key = SigningKey()
         mock_oidc_discovery(upstream, server, key)
-        claims = id_token_claims(server, sub="alice-0001")
-        upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response(id_token=key.sign(claims)))
         state = begin(browser, server, make_client(server))
+        claims = id_token_claims(server, sub="alice-0001", nonce=upstream_nonce(state))  # the login's nonce
+        upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response(id_token=key.sign(claims)))
         response = callback(browser, server, state=state)
         assert "code" in query_of(response["Location"])
         session = UpstreamSession.objects.get()
         assert (session.subject, session.subject_source) == ("alice-0001", "id_token")
+
+    @pytest.mark.parametrize("nonce", [None, "another-login"], ids=["missing", "another"])
+    def test_an_id_token_without_this_logins_nonce_is_refused(self, browser, upstream, db, nonce):
+        """Issue 13, finding 10: an ID token issued for another login (replayed) is not a login here."""
+        server = make_server(issuer="https://idp.example.com")
+        key = SigningKey()
+        mock_oidc_discovery(upstream, server, key)
+        state = begin(browser, server, make_client(server))
+        claims = id_token_claims(server, sub="alice-0001", nonce=nonce)
+        upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response(id_token=key.sign(claims)))
+        response = callback(browser, server, state=state)
+        assert_client_error(response, "server_error")
+        assert "nonce" in failure_event().message
+        assert_nothing_issued()
 
     def test_from_userinfo(self, browser, upstream, db):
         server = make_server(userinfo_endpoint="https://idp.example.com/userinfo")

@@ -740,7 +740,7 @@ class TestBadInput:
         from django.core.cache import cache
 
         cache.clear()
-        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"token:client": (3, 60)}}
+        settings.OAUTHPROXY = {**settings.OAUTHPROXY, "RATE_LIMITS": {"token:source": (3, 60)}}
         for _ in range(3):
             assert refresh(http, server, mcp_client, "x").status_code == 400
         response = refresh(http, server, mcp_client, "x")

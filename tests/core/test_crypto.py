@@ -1,5 +1,6 @@
 import base64
 import os
+from unittest import mock
 
 import pytest
 from django.core.management import call_command
@@ -73,3 +74,50 @@ def test_rotation_re_encrypts_under_newest_key(server, settings, capsys):
     # Running it again changes nothing.
     call_command("rotate_encryption_keys")
     assert raw_secret_column(server) == rotated
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rotation_keeps_an_upstream_refresh_made_during_the_run(server, settings, upstream):
+    """Issue 13, finding 6: the command used to read rows without a lock and write them later, so an
+    upstream refresh token rotated meanwhile was overwritten with the old one and the session died."""
+    import threading
+
+    from django.db import connections
+
+    from oauthproxy.grants.sessions import upstream_session_ensure_fresh
+    from oauthproxy.models import UpstreamSession
+    from tests.conftest import UPSTREAM
+    from tests.factories import make_client, make_upstream_session
+
+    session = make_upstream_session(server, make_client(server), access_token="at-before", refresh_token="rt-before")
+    upstream.add(upstream.POST, f"{UPSTREAM}/token", json={
+        "access_token": "at-after", "refresh_token": "rt-after", "token_type": "Bearer", "expires_in": 3600,
+    })
+    settings.PROXY_ENCRYPTION_KEYS = [new_key(), *settings.PROXY_ENCRYPTION_KEYS]
+
+    def refresh_elsewhere():  # what the gateway does when the internal server refuses the upstream token
+        try:
+            row = UpstreamSession.objects.get(pk=session.pk)
+            upstream_session_ensure_fresh(session=row, rejected_access_token="at-before")
+        finally:
+            connections.close_all()
+
+    original_decrypt = crypto.decrypt
+    refresher = threading.Thread(target=refresh_elsewhere)
+
+    def decrypt_during_the_run(ciphertext, *, context):
+        # The moment the command holds the session's values in hand: the upstream refresh happens now.
+        if context.startswith(UpstreamSession._meta.db_table) and not refresher.is_alive() and not refresher.ident:
+            refresher.start()
+            refresher.join(timeout=2)  # with the row locked it waits for the command instead
+        return original_decrypt(ciphertext, context=context)
+
+    crypto_decrypt = mock.patch.object(crypto, "decrypt", decrypt_during_the_run)
+    with crypto_decrypt:
+        call_command("rotate_encryption_keys")
+    refresher.join(timeout=10)
+    assert refresher.ident and not refresher.is_alive()
+    settings.PROXY_ENCRYPTION_KEYS = settings.PROXY_ENCRYPTION_KEYS[:1]  # the old key is gone
+    row = UpstreamSession.objects.get(pk=session.pk)
+    assert row.refresh_token == "rt-after"  # the rotated refresh token survived
+    assert row.access_token == "at-after"

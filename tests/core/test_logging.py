@@ -26,3 +26,19 @@ def test_filter_rewrites_records_from_third_party_loggers(caplog):
         logger.filters.clear()
     assert "raw-code-value" not in caplog.text
     assert "code=[redacted]" in caplog.text
+
+
+def test_uvicorn_access_log_is_redacted_and_keeps_its_shape(caplog):
+    # issue 13 finding 7: uvicorn's access logger does not propagate; the settings give it the filter
+    logger = logging.getLogger("uvicorn.access")
+    assert any(isinstance(f, RedactSecretsFilter) for f in logger.filters)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/oauth/crm/callback?code=raw-upstream-code&state=raw-state-value", "1.1", 302),
+        None,
+    )
+    assert RedactSecretsFilter().filter(record)
+    assert len(record.args) == 5  # uvicorn's AccessFormatter unpacks five arguments
+    line = record.getMessage()
+    assert "raw-upstream-code" not in line and "raw-state-value" not in line
+    assert "/oauth/crm/callback?code=[redacted]&state=[redacted]" in line

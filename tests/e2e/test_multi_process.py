@@ -8,8 +8,10 @@ any step. The load balancer (proxy.LoadBalancer) sends each request where the te
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
+import httpx
 import pytest
 
 try:  # importable both as a top-level module (pytest rootdir insertion) and as a package module
@@ -138,3 +140,45 @@ def test_upstream_refresh_once_across_processes(make_cluster):
     initializes = [r.backend for r in cluster.lb.log[mark:] if r.method == "POST" and r.path.endswith(cluster.slug)]
     assert set(initializes) == {0, 1}
     assert cluster.mcp.stats()["unauthorized"] == 0
+
+
+def test_revocation_reaches_the_other_process_within_a_second(make_cluster):
+    """Issue 13, finding 9: a token revoked through process A is refused by process B (which validated and
+    cached it a moment before) within one second, not after its 5-second token cache."""
+    cluster = make_cluster(processes=2)
+    cluster.lb.route = lambda method, path: 0
+    client = cluster.client()
+
+    async def login():
+        return tool_text(await client.call_tool("whoami"))
+
+    assert anyio.run(login) == "alice"
+    tokens = client.storage.tokens
+    info = client.storage.client_info
+    a, b = (f"{p.direct_url}/mcp/{cluster.slug}" for p in cluster.processes)
+    probe = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}}
+    headers = {"Authorization": f"Bearer {tokens.access_token}", "Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}
+    assert httpx.post(b, json=probe, headers=headers, timeout=30).status_code == 200  # B has it cached
+
+    form = {"token": tokens.refresh_token, "client_id": info.client_id}
+    if info.client_secret:
+        form["client_secret"] = info.client_secret
+    revoked = httpx.post(f"{cluster.processes[0].direct_url}/oauth/{cluster.slug}/revoke", data=form, timeout=30)
+    assert revoked.status_code == 200
+    revoked_at = time.monotonic()
+    assert httpx.post(a, json=probe, headers=headers, timeout=30).status_code == 401  # A: the next request
+
+    # B, probed every 50 ms from threads (a slow accepted request does not hold back the next probe)
+    def probe_b(start_in: float) -> tuple[float, int]:
+        time.sleep(max(0.0, revoked_at + start_in - time.monotonic()))
+        started = time.monotonic() - revoked_at
+        return started, httpx.post(b, json=probe, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = sorted(pool.map(probe_b, [n * 0.05 for n in range(32)]))
+    first_refusal = next(started for started, status in results if status == 401)
+    print(f"revocation reached the other process within {first_refusal * 1000:.0f} ms: {results}")
+    assert first_refusal < 1.0
+    assert all(status == 401 for started, status in results if started >= 1.0), results

@@ -12,7 +12,7 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from oauthproxy.core.exceptions import UpstreamError
-from oauthproxy.upstream.client import TokenSet, UpstreamClient, expires_at_from
+from oauthproxy.upstream.client import TokenSet, UpstreamClient, expires_at_from, upstream_nonce
 from tests.conftest import make_server
 from tests.flows.helpers import SigningKey, form_body, id_token_claims, mock_oidc_discovery, query_of
 
@@ -48,6 +48,7 @@ class TestAuthorizationUrl:
             "code_challenge": "ch" * 22,
             "code_challenge_method": "S256",
             "prompt": "consent",
+            "nonce": upstream_nonce("st"),  # an OpenID login
         }
 
     def test_scopes_are_space_separated_percent_encoded(self, server):
@@ -321,6 +322,43 @@ class TestIdTokens:
         with pytest.raises(UpstreamError, match=message) as info:
             UpstreamClient(oidc_server).id_token_claims(id_token=token)
         assert info.value.reason.startswith("id_token rejected")
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            lambda server: dict(aud=[server.client_id, "another-client"]),  # several audiences, no azp
+            lambda server: dict(aud=[server.client_id, "another-client"], azp="another-client"),
+            lambda server: dict(azp="another-client"),
+        ],
+        ids=["several-audiences-no-azp", "several-audiences-other-azp", "other-azp"],
+    )
+    def test_a_token_for_another_authorized_party_is_refused(self, upstream, oidc_server, change):
+        """Issue 13, finding 10: ``azp`` is checked when the ID token has several audiences."""
+        key = SigningKey()
+        mock_oidc_discovery(upstream, oidc_server, key)
+        token = key.sign(id_token_claims(oidc_server, **change(oidc_server)))
+        with pytest.raises(UpstreamError, match="azp"):
+            UpstreamClient(oidc_server).id_token_claims(id_token=token)
+
+    def test_several_audiences_with_our_azp_are_accepted(self, upstream, oidc_server):
+        key = SigningKey()
+        mock_oidc_discovery(upstream, oidc_server, key)
+        audiences = [oidc_server.client_id, "api"]
+        claims = id_token_claims(oidc_server, sub="alice", aud=audiences, azp=oidc_server.client_id)
+        assert UpstreamClient(oidc_server).id_token_claims(id_token=key.sign(claims))["sub"] == "alice"
+
+    def test_the_nonce_must_be_this_logins(self, upstream, oidc_server):
+        """Issue 13, finding 10: OpenID logins send a nonce and the ID token must carry it."""
+        key = SigningKey()
+        mock_oidc_discovery(upstream, oidc_server, key)
+        client = UpstreamClient(oidc_server)
+        nonce = query_of(client.authorization_url(state="st", code_challenge=None))["nonce"]
+        assert nonce == upstream_nonce("st") != upstream_nonce("other")
+        good = key.sign(id_token_claims(oidc_server, sub="alice", nonce=nonce))
+        assert client.id_token_claims(id_token=good, nonce=nonce)["sub"] == "alice"
+        for claims in (id_token_claims(oidc_server), id_token_claims(oidc_server, nonce=upstream_nonce("other"))):
+            with pytest.raises(UpstreamError, match="nonce"):
+                client.id_token_claims(id_token=key.sign(claims), nonce=nonce)
 
     def test_forged_signature(self, upstream, oidc_server):
         mock_oidc_discovery(upstream, oidc_server, SigningKey(kid="k1"))

@@ -23,6 +23,7 @@ from oauthproxy.authserver.views.authorize import BROWSER_COOKIE
 from oauthproxy.authserver.views.callback import TRY_IT_COOKIE
 from oauthproxy.core.crypto import token_checksum
 from oauthproxy.models import AccessToken, AuditEvent, Grant, PendingAuthorization, RefreshToken, UpstreamSession
+from oauthproxy.upstream.client import upstream_nonce
 from tests.conftest import UPSTREAM, make_server
 from tests.flows.helpers import (
     SigningKey,
@@ -200,8 +201,8 @@ class TestOutcome:
         server = make_server(slug="oidc", team=teams[0], issuer=UPSTREAM, scopes=["openid"])
         key = SigningKey()
         mock_oidc_discovery(upstream, server, key)
-        id_token = key.sign(id_token_claims(server, sub="user-42"))
         params = start(member, server)
+        id_token = key.sign(id_token_claims(server, sub="user-42", nonce=upstream_nonce(params["state"])))
         upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response(
             id_token=id_token, refresh_token=None, expires_in=None, scope=None))
         page = member.get(come_back(member, server, state=params["state"], code=CODE)["Location"]).content.decode()

@@ -17,6 +17,7 @@ from oauthproxy.authserver.authorization import (
     browser_key_new,
 )
 from oauthproxy.core.exceptions import OAuthError, RateLimited
+from oauthproxy.core.ratelimit import client_ip
 from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
@@ -115,7 +116,9 @@ def authorize(request: HttpRequest, slug: str) -> HttpResponse:
     if new_key:
         browser_key = browser_key_new()
     try:
-        auth_request = authorization_request_validate(server=server, params=dict(request.GET.lists()))
+        auth_request = authorization_request_validate(
+            server=server, params=dict(request.GET.lists()), source=client_ip(request)
+        )
         response: HttpResponse = HttpResponseRedirect(
             authorization_begin(auth_request=auth_request, browser_key=browser_key, browser_is_new=new_key)
         )

@@ -30,19 +30,27 @@ class Command(BaseCommand):
         total = 0
         for model, names in _encrypted_fields():
             rewritten = 0
-            for obj in model.objects.only("pk", *names).iterator(chunk_size=batch_size):
-                stale = [
-                    name
-                    for name in names
-                    if obj.__dict__.get(name) and crypto.key_id_of(obj.__dict__[name]) != newest
-                ]
-                if not stale:
-                    continue
-                with transaction.atomic():
-                    for name in stale:
-                        setattr(obj, name, getattr(obj, name))  # decrypt; save() encrypts with the newest key
-                    obj.save(update_fields=stale)
-                rewritten += 1
+            for pk in model.objects.values_list("pk", flat=True).iterator(chunk_size=batch_size):
+                rewritten += _rewrite(model, pk, names, newest)
             total += rewritten
             self.stdout.write(f"{model._meta.label}: re-encrypted {rewritten} row(s)")
         self.stdout.write(self.style.SUCCESS(f"Done: {total} row(s) now under key {newest}."))
+
+
+def _rewrite(model, pk, names: list[str], newest: str) -> int:
+    """Re-encrypt one row's stale values under a row lock: the values are read in the transaction that
+    writes them, so a concurrent write (an upstream refresh rotating its refresh token, which locks the
+    row too) is either waited for and kept, or waits for this one (issue 13, finding 6)."""
+    with transaction.atomic():
+        obj = model.objects.select_for_update().only("pk", *names).filter(pk=pk).first()
+        if obj is None:  # deleted meanwhile
+            return 0
+        stale = [
+            name for name in names if obj.__dict__.get(name) and crypto.key_id_of(obj.__dict__[name]) != newest
+        ]
+        if not stale:
+            return 0
+        for name in stale:
+            setattr(obj, name, getattr(obj, name))  # decrypt; save() encrypts with the newest key
+        obj.save(update_fields=stale)
+        return 1
