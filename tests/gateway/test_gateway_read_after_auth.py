@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from oauthproxy.gateway.asgi import gateway_asgi
-from oauthproxy.gateway.forwarding import gateway_upstream_pool_close, max_request_bytes
+from oauthproxy.gateway.forwarding import internal_server_pool_close, max_request_bytes
 from tests.conftest import make_server
 from tests.gateway.conftest import INITIALIZE, make_grant
 
@@ -61,7 +61,7 @@ def call(slug: str, headers: dict[str, str], body: bytes) -> tuple[int, Receive]
             with anyio.fail_after(10):
                 await gateway_asgi(scope(slug, headers), receive, send, slug=slug)
         finally:
-            await gateway_upstream_pool_close()
+            await internal_server_pool_close()
 
     anyio.run(run)
     return sent[0]["status"], receive

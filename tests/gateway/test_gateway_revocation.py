@@ -11,13 +11,13 @@ import psycopg
 import pytest
 from django.db import connection
 
+from oauthproxy.console.clients import client_update
 from oauthproxy.core.invalidation import (
     CHANNEL,
     invalidation_listen_ensure,
     invalidation_listen_stop,
     invalidation_listening,
 )
-from oauthproxy.grants.revocation import client_update
 from oauthproxy.grants.sessions import upstream_session_revoke
 from oauthproxy.models import AccessToken, UpstreamSession
 from tests.gateway.conftest import ACCEPT, INITIALIZE
