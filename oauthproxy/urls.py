@@ -12,7 +12,11 @@ from rest_framework.routers import DefaultRouter
 
 from oauthproxy.authserver.views import authorize, callback, consent, token
 from oauthproxy.authserver.views.introspection import IntrospectApi
-from oauthproxy.authserver.views.metadata import AuthorizationServerMetadataApi, ProtectedResourceMetadataApi
+from oauthproxy.authserver.views.metadata import (
+    AuthorizationServerMetadataApi,
+    OpenIdConfigurationApi,
+    ProtectedResourceMetadataApi,
+)
 from oauthproxy.authserver.views.registration import ClientConfigurationApi, ClientRegisterApi
 from oauthproxy.console import api as management
 from oauthproxy.console.views import health, landing, metrics
@@ -40,17 +44,18 @@ def api_not_found(request, *args, **kwargs):
 
 
 _as_metadata = AuthorizationServerMetadataApi.as_view()
+_no_openid = OpenIdConfigurationApi.as_view()
 
 urlpatterns = [
     path("", landing.landing, name="landing"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics, name="metrics"),
-    # Discovery: RFC 8414 (plus the OpenID locations MCP clients also try) and RFC 9728.
+    # Discovery: RFC 8414 and RFC 9728. The OpenID locations MCP clients also try answer 404 (no ID tokens).
     path(".well-known/oauth-authorization-server/oauth/<str:slug>", _as_metadata, name="oauth-server-metadata"),
-    path(".well-known/openid-configuration/oauth/<str:slug>", _as_metadata, name="oauth-server-metadata-openid"),
+    path(".well-known/openid-configuration/oauth/<str:slug>", _no_openid, name="oauth-server-metadata-openid"),
     path(
-        "oauth/<str:slug>/.well-known/openid-configuration", _as_metadata, name="oauth-server-metadata-openid-suffix"
+        "oauth/<str:slug>/.well-known/openid-configuration", _no_openid, name="oauth-server-metadata-openid-suffix"
     ),
     path(
         ".well-known/oauth-protected-resource/mcp/<str:slug>",

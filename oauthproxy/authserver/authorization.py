@@ -43,6 +43,7 @@ from django.utils import timezone
 from oauth2_provider.settings import oauth2_settings
 
 from oauthproxy.authserver.cimd import client_resolve
+from oauthproxy.authserver.known_clients import client_known, client_row_admitted
 from oauthproxy.authserver.redirect_uris import FORBIDDEN_SCHEMES, MAX_REDIRECT_URI_LENGTH, redirect_uri_matches
 from oauthproxy.core import metrics
 from oauthproxy.core.audit import audit_record
@@ -228,6 +229,8 @@ def authorization_client_verify(
         raise InvalidClient(
             "This application is not registered with this server. Ask the application to register again."
         )
+    if not client_row_admitted(server=server, client=client):
+        raise InvalidClient("This server admits only the clients its administrator allows; ask them to add this one.")
     redirect_uri = _one(params, "redirect_uri")
     if not redirect_uri:
         raise InvalidRequest("The request has no redirect_uri.")
@@ -291,15 +294,10 @@ def authorization_request_validate(
     if any(resource != server.resource_url for resource in resources):
         raise fail(InvalidTarget(f"The only resource of this authorization server is {server.resource_url}."))
 
-    available = list(server.scopes or [])
-    requested = list(dict.fromkeys((values["scope"] or "").split()))
-    if requested:
-        unknown = [scope for scope in requested if scope not in available]
-        if unknown:
-            raise fail(InvalidScope("Unknown scope requested; this server offers: " + " ".join(available)))
-        scopes = tuple(requested)
-    else:
-        scopes = tuple(available)
+    try:
+        scopes = scopes_grantable(server=server, requested=values["scope"])
+    except InvalidScope as exc:
+        raise fail(exc)
 
     rate_limit_count(name="authorize:client", key=f"{server.slug}:{client.client_id}")  # a valid request
     return AuthorizationRequest(
@@ -311,6 +309,21 @@ def authorization_request_validate(
         scopes=scopes,
         resource=resources[0] if resources else "",
     )
+
+
+def scopes_grantable(*, server: McpServer, requested: str | None) -> tuple[str, ...]:
+    """The scopes an authorization request gets (RFC 6749 §3.3): the requested ones this server offers,
+    in the order asked; all of the server's scopes when none was asked for or none of those asked for is
+    offered. Scopes the server does not offer are dropped (hosted clients send their own, e.g. claude.ai's
+    ``claudeai``), and the token's ``scope`` tells the client what it got; a server with ``strict_scopes``
+    refuses them instead (``InvalidScope``)."""
+    available = list(server.scopes or [])
+    wanted = list(dict.fromkeys((requested or "").split()))
+    unknown = [scope for scope in wanted if scope not in available]
+    if unknown and server.strict_scopes:
+        raise InvalidScope("Unknown scope requested; this server offers: " + " ".join(available))
+    granted = tuple(scope for scope in wanted if scope in available)
+    return granted or tuple(available)
 
 
 def consent_is_remembered(*, client: Client, redirect_uri: str, scopes: Sequence[str], browser_key: str) -> bool:
@@ -403,6 +416,7 @@ class ConsentDetails:
     upstream_host: str
     remember_days: int
     client_scopes: tuple[str, ...] = ()  # what the application asked the proxy for (its `scope` parameter)
+    known_client: str = ""  # the catalog's name and the basis of the match (known_clients), or ""
 
     @property
     def scope_items(self) -> list[tuple[str, str]]:
@@ -449,6 +463,7 @@ def consent_details(*, pending: PendingAuthorization) -> ConsentDetails:
         upstream_host=urlsplit(server.authorization_endpoint).hostname or "",
         remember_days=max(remember_seconds // 86400, 0) if remember_seconds > 0 else 0,
         client_scopes=tuple(dict.fromkeys((pending.scope or "").split())),
+        known_client=known.label if (known := client_known(client)) else "",
     )
 
 

@@ -1,8 +1,9 @@
 """Client ID Metadata Documents (draft-ietf-oauth-client-id-metadata-document), per MCP server.
 
 A client whose ``client_id`` is an https URL with a path is resolved by fetching that URL. The document
-must name itself (its ``client_id`` equals the URL byte for byte), be a public client
-(``token_endpoint_auth_method`` ``none`` or absent, no secret) and pass the same metadata and redirect URI
+must name itself (its ``client_id`` equals the URL byte for byte), hold no secret, name a method the proxy
+supports (``token_endpoint_auth_method``, else the first of ``token_endpoint_auth_methods_supported``
+that is: ``none``, or ``private_key_jwt`` with a ``jwks_uri`` or ``jwks``, see ``client_auth``) and pass the same metadata and redirect URI
 rules as Dynamic Client Registration. It then becomes a ``Client`` row of that server
 (``registration_source = cimd``), refreshed when the HTTP cache lifetime (``Cache-Control: max-age``,
 clamped by DOT's ``CIMD_METADATA_MIN/MAX_AGE_SECONDS``) has passed. A failed refresh keeps the last good
@@ -39,6 +40,7 @@ client up. What that means:
 import json
 import logging
 import time
+from dataclasses import replace
 from datetime import timedelta
 from functools import cache as memoize
 from urllib.parse import urlsplit
@@ -62,6 +64,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 from urllib3.util.connection import create_connection
 
+from oauthproxy.authserver.client_auth import PRIVATE_KEY_JWT, client_auth_methods_choose
+from oauthproxy.authserver.known_clients import client_admitted
 from oauthproxy.authserver.registration import (
     ClientMetadata,
     client_metadata_apply,
@@ -70,7 +74,7 @@ from oauthproxy.authserver.registration import (
 )
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.caching import client_cache_key, clients
-from oauthproxy.core.exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri
+from oauthproxy.core.exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri, InvalidRequest
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_read, select_list
 from oauthproxy.models import AuditEvent, Client, McpServer
@@ -126,6 +130,8 @@ def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
     client = _with_server(_client_row(server=server, client_id=client_id), server)
     if _document_is_current(client, client_id):
         return client
+    if client is None and server.client_admission == McpServer.ClientAdmission.PREREGISTERED:
+        raise ClientMetadataDocumentError("This server admits pre-registered clients only.")
     try:
         metadata, max_age = _document_load(server=server, url=client_id)
     except ClientMetadataDocumentError as exc:
@@ -193,19 +199,49 @@ def _document_validate(*, server: McpServer, url: str, document: dict) -> Client
         raise ClientMetadataDocumentError(
             "The client metadata document's client_id must equal the URL it is served from."
         )
-    if document.get("token_endpoint_auth_method") not in (None, "none"):
-        raise ClientMetadataDocumentError(
-            'Clients identified by a metadata document are public: use token_endpoint_auth_method "none".'
-        )
+    try:
+        method, methods = client_auth_methods_choose(document)
+    except InvalidRequest as exc:
+        raise ClientMetadataDocumentError(exc.description)
     if "client_secret" in document or "client_secret_expires_at" in document:
         raise ClientMetadataDocumentError("A client metadata document must not contain a client_secret.")
-    return client_metadata_validate(server=server, data=document, default_auth_method="none")
+    keys = {}
+    if method == PRIVATE_KEY_JWT:
+        keys = _document_keys(document)
+    # The secret-less methods are validated as a public client; the chosen one is stored on the row.
+    metadata = client_metadata_validate(
+        server=server, data={**document, "token_endpoint_auth_method": "none"}, default_auth_method="none"
+    )
+    extra = {**metadata.extra, **keys, "token_endpoint_auth_method": method,
+             "token_endpoint_auth_methods_supported": methods}
+    return replace(metadata, token_endpoint_auth_method=method, extra=extra)
+
+
+def _document_keys(document: dict) -> dict:
+    """The ``jwks_uri`` (an https URL under the same fetch rules as the document) or inline ``jwks`` of a
+    private_key_jwt client."""
+    if isinstance(document.get("jwks"), dict):
+        if not isinstance(document["jwks"].get("keys"), list):
+            raise ClientMetadataDocumentError("The client metadata document's jwks must be a JWK Set.")
+        return {"jwks": document["jwks"]}
+    url = document.get("jwks_uri")
+    try:
+        if not isinstance(url, str) or len(url) > MAX_CLIENT_ID_LENGTH * 8:
+            raise CIMDError("not a URL")
+        _url_check(url)
+    except CIMDError as exc:
+        raise ClientMetadataDocumentError(f"The client metadata document's jwks_uri is not acceptable: {exc}.")
+    return {"jwks_uri": url}
 
 
 def _client_upsert(
     *, server: McpServer, url: str, metadata: ClientMetadata, max_age: int, client: Client | None
 ) -> Client:
     created = client is None
+    if not client_admitted(server=server, client_id=url, redirect_uris=metadata.redirect_uris, preregistered=False):
+        raise ClientMetadataDocumentError(
+            "This server admits only the known MCP clients of its catalog and pre-registered clients."
+        )
     if created:
         client_registration_capacity_check(server=server)
         client = Client(server=server, client_id=url, registration_source=Client.RegistrationSource.CIMD)

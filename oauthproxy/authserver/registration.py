@@ -75,7 +75,8 @@ class ClientMetadata:
 
     @property
     def is_confidential(self) -> bool:
-        return self.token_endpoint_auth_method != "none"
+        """Holds a secret. (A metadata-document client's ``private_key_jwt`` keys are its own: no secret.)"""
+        return self.token_endpoint_auth_method not in ("none", "private_key_jwt")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,18 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     in clear exactly this once.
     """
     metadata = client_metadata_validate(server=server, data=data)
+    if server.client_admission == McpServer.ClientAdmission.PREREGISTERED:
+        raise InvalidClientMetadata(
+            "This server does not accept registrations: its administrator pre-registers clients. "
+            "Ask them for a client ID."
+        )
+    from oauthproxy.authserver.known_clients import client_admitted
+
+    if not client_admitted(server=server, client_id="", redirect_uris=metadata.redirect_uris, preregistered=False):
+        raise InvalidClientMetadata(
+            "This server accepts registrations from the known MCP clients only (by their redirect URIs); "
+            "ask its administrator to pre-register this application."
+        )
     client_registration_capacity_check(server=server, expire_unused_first=True)
 
     client_secret = _client_secret_generate() if metadata.is_confidential else None
@@ -197,6 +210,49 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     return ClientRegistration(
         client=client, registration_access_token=registration_access_token, client_secret=client_secret
     )
+
+
+def client_preregister(
+    *,
+    server: McpServer,
+    name: str,
+    redirect_uris: list[str],
+    confidential: bool,
+    actor=None,
+) -> ClientRegistration:
+    """A client created by a platform admin or team member (admin or management API), for connectors with a
+    client ID field (claude.ai's advanced settings, ChatGPT's predefined client, Cursor, Gemini CLI, Codex).
+
+    The redirect URIs pass the same rules as registration. A confidential client authenticates with
+    ``client_secret_basic`` or ``client_secret_post`` (either; its secret is returned here, once, and stored
+    hashed); a public one with PKCE alone. It is never expired for disuse, does not count against the
+    registration cap, and is admitted whatever the server's admission policy."""
+    method = "client_secret_basic" if confidential else "none"
+    metadata = client_metadata_validate(
+        server=server,
+        data={"redirect_uris": redirect_uris, "client_name": name, "token_endpoint_auth_method": method},
+    )
+    client_secret = _client_secret_generate() if confidential else None
+    client = Client(
+        server=server,
+        registration_source=Client.RegistrationSource.MANUAL,
+        user=None,
+        client_id=_client_id_generate(),
+        client_secret=client_secret or "",  # hashed by ClientSecretField on save
+    )
+    client_metadata_apply(client=client, metadata=metadata)
+    with transaction.atomic():
+        client.save()
+        audit_record(
+            kind=AuditEvent.Kind.CLIENT_REGISTERED,
+            server=server,
+            client=client,
+            actor=actor,
+            message=f"pre-registered {client.name or client.client_id} "
+            f"({'confidential' if confidential else 'public'})",
+            detail={"source": "manual", "client_id": client.client_id, "redirect_uris": metadata.redirect_uris},
+        )
+    return ClientRegistration(client=client, client_secret=client_secret)
 
 
 def client_registration_authenticate(

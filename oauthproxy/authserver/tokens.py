@@ -46,9 +46,11 @@ from oauthproxy.models import AuditEvent, Client, IntrospectionCredential, McpSe
 
 TOKEN_PARAMETERS = frozenset(
     {"grant_type", "code", "redirect_uri", "code_verifier", "client_id", "client_secret", "refresh_token",
-     "scope", "resource"}
+     "scope", "resource", "client_assertion", "client_assertion_type"}
 )
-REVOCATION_PARAMETERS = frozenset({"token", "token_type_hint", "client_id", "client_secret"})
+REVOCATION_PARAMETERS = frozenset(
+    {"token", "token_type_hint", "client_id", "client_secret", "client_assertion", "client_assertion_type"}
+)
 INTROSPECTION_PARAMETERS = frozenset({"token", "token_type_hint", "client_id", "client_secret"})
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 # How often last_used is written at most (it is for operators, not for security).
@@ -147,6 +149,8 @@ def _credentials(request: HttpRequest, params: dict[str, str]) -> ClientCredenti
         authorization=request.META.get("HTTP_AUTHORIZATION"),
         client_id=params.get("client_id"),
         client_secret=params.get("client_secret"),
+        client_assertion=params.get("client_assertion"),
+        client_assertion_type=params.get("client_assertion_type"),
     )
 
 
@@ -203,6 +207,7 @@ def token_request_handle(*, server: McpServer, request: HttpRequest) -> Endpoint
         _rate_limit(server=server, request=request, client_id=credentials.client_id)
         if not credentials.client_id:
             raise InvalidClient("Client authentication failed: send client_id.")
+        form = _scope_narrow(server=server, form=form)
     except OAuthError as exc:
         metrics.token_request_record(server=server.slug, grant_type=grant_type, outcome=exc.error)
         return oauth_error_endpoint_response(exc, server=server)
@@ -225,6 +230,23 @@ def token_request_handle(*, server: McpServer, request: HttpRequest) -> Endpoint
         outcome=("replayed" if outcome.replay_body is not None else "issued") if status == 200 else _error_code(body),
     )
     return EndpointResponse(status, body, _json_headers(server=server, status=status))
+
+
+def _scope_narrow(*, server: McpServer, form: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A refresh's ``scope`` without the scopes this server does not offer (as at authorize, RFC 6749
+    §3.3), or without ``scope`` at all when none is left (the grant's scopes then). A server with
+    ``strict_scopes`` leaves it to oauthlib, which refuses scopes beyond the grant's."""
+    if server.strict_scopes:
+        return form
+    offered = set(server.scopes or [])
+    narrowed = []
+    for name, value in form:
+        if name == "scope":
+            value = " ".join(scope for scope in value.split() if scope in offered)
+            if not value:
+                continue
+        narrowed.append((name, value))
+    return narrowed
 
 
 def _error_code(body: str) -> str:

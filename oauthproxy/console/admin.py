@@ -23,13 +23,23 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from knox.models import AuthToken
 
+from oauthproxy.authserver.known_clients import client_known
+from oauthproxy.authserver.registration import client_preregister
 from oauthproxy.authserver.views.callback import try_it_cookie_set
 from oauthproxy.console.access_check import server_access_check
 from oauthproxy.console.clients import client_delete, client_update
-from oauthproxy.console.forms import AccessCheckForm, IssuerForm, McpServerForm, RevokeForm, pretty_json
+from oauthproxy.console.forms import (
+    AccessCheckForm,
+    ClientPreregisterForm,
+    IssuerForm,
+    McpServerForm,
+    RevokeForm,
+    pretty_json,
+)
 from oauthproxy.console.management.commands.team_create import team_permissions
 from oauthproxy.console.servers import server_delete, server_save
 from oauthproxy.core.audit import audit_record
+from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage, quota_usage_many
 from oauthproxy.grants.revocation import sessions_revoke
@@ -255,6 +265,7 @@ class McpServerAdmin(TeamScopedAdmin):
             "Shared-quota protection",
             {"description": QUOTA_NOTE, "fields": ("client_upstream_rate_limit", "client_upstream_daily_quota")},
         ),
+        ("MCP clients", {"fields": ("client_admission", "strict_scopes")}),
         ("What MCP clients see", {"fields": ("endpoints_display", "created", "updated")}),
     )
 
@@ -504,18 +515,52 @@ class ClientAdmin(TeamScopedAdmin):
     delete_note = ("Deleting a client first revokes all its sessions: its proxy tokens at once, its upstream "
                    "tokens at the upstream (where it has a revocation endpoint). The application must "
                    "register again to connect.")
+    list_display = ("name", "client_id", "server", "registration_source", "known_display", "disabled", "created",
+                    "last_used", "upstream_quota")
     list_filter = (("server", admin.RelatedOnlyFieldListFilter), "registration_source", "disabled")
     search_fields = ("name", "client_id")
-    fields = ("name", "client_id", "server", "registration_source", "verified_domain", "client_type",
-              "redirect_uris_display", "token_endpoint_auth_method", "disabled", "created", "last_used",
-              "sessions_display", "quota_display")
-    readonly_fields = ("client_id", "server", "registration_source", "verified_domain", "client_type",
-                       "redirect_uris_display", "token_endpoint_auth_method", "created", "last_used",
-                       "sessions_display", "quota_display")
+    fields = ("name", "client_id", "server", "registration_source", "known_display", "verified_domain",
+              "client_type", "redirect_uris_display", "token_endpoint_auth_method", "disabled", "created",
+              "last_used", "sessions_display", "quota_display")
+    readonly_fields = ("client_id", "server", "registration_source", "known_display", "verified_domain",
+                       "client_type", "redirect_uris_display", "token_endpoint_auth_method", "created",
+                       "last_used", "sessions_display", "quota_display")
     actions = ("disable_clients", "enable_clients", "revoke_client_sessions")
 
     def has_add_permission(self, request):
-        return False  # clients register themselves (DCR or CIMD)
+        # Clients register themselves (DCR or CIMD); "add" pre-registers one (client_preregister).
+        return request.user.has_perm("oauthproxy.add_client")
+
+    def add_view(self, request, form_url="", extra_context=None):
+        """Pre-register a client: a plain form, then the client ID and secret shown this once."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = ClientPreregisterForm(request.POST or None, servers=servers_visible_to(user=request.user))
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                registration = client_preregister(
+                    server=data["server"], name=data["name"], redirect_uris=data["redirect_uris"],
+                    confidential=data["confidential"], actor=request.user,
+                )
+            except OAuthError as exc:
+                form.add_error("redirect_uris", exc.description)
+            else:
+                response = self.render_page(request, "admin/oauthproxy/client/preregister.html", {
+                    "title": f"Client {registration.client.name} pre-registered", "registration": registration,
+                }, obj=registration.client)
+                response["Cache-Control"] = "no-store"
+                return response
+        return self.render_page(request, "admin/oauthproxy/client/preregister.html", {
+            "title": "Pre-register a client", "form": form,
+        })
+
+    @admin.display(description="Known client")
+    def known_display(self, obj):
+        if obj.registration_source == Client.RegistrationSource.MANUAL:
+            return "pre-registered"
+        match = client_known(obj)
+        return match.label if match else "—"
 
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)

@@ -25,9 +25,12 @@ from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 
+from oauthproxy.authserver.known_clients import client_known
+from oauthproxy.authserver.registration import client_preregister
 from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.console.documents import DOCUMENT_FIELDS, ServerDocumentSerializer
 from oauthproxy.console.servers import server_delete, server_save
+from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage_many
 from oauthproxy.grants.revocation import sessions_revoke
@@ -414,13 +417,20 @@ class ClientOutput(serializers.ModelSerializer):
     verified_domain = serializers.CharField(read_only=True, allow_null=True)
     active_sessions = serializers.IntegerField(read_only=True)
     quota = serializers.SerializerMethodField(help_text="Upstream operations this minute and today.")
+    known_client = serializers.SerializerMethodField(
+        help_text="The catalog's name for this client and the basis of the match, or null (unknown)."
+    )
 
     class Meta:
         model = Client
         fields = ("id", "client_id", "name", "server", "registration_source", "verified_domain", "client_type",
                   "token_endpoint_auth_method", "redirect_uris", "metadata", "disabled", "created", "updated",
-                  "last_used", "active_sessions", "quota")
+                  "last_used", "active_sessions", "quota", "known_client")
         read_only_fields = fields
+
+    def get_known_client(self, client) -> str | None:
+        match = client_known(client)
+        return match.label if match else None
 
     def get_redirect_uris(self, client) -> list[str]:
         return client.redirect_uris.split()
@@ -431,6 +441,26 @@ class ClientOutput(serializers.ModelSerializer):
         if usage is None:
             usage = quota_usage_many(clients=[client])[client.pk]
         return QuotaWindowOutput(usage, many=True).data
+
+
+class ClientPreregisterInput(serializers.Serializer):
+    server = serializers.SlugField(help_text="The slug of the MCP server the client is for.")
+    name = serializers.CharField(max_length=255, help_text="Shown on the consent page and in the admin.")
+    redirect_uris = serializers.ListField(child=serializers.CharField(max_length=2000), min_length=1,
+                                         max_length=20, help_text="Exactly as the connector documents them.")
+    confidential = serializers.BooleanField(
+        default=True, help_text="True: a client secret is issued (returned once; HTTP Basic or form). "
+        "False: a public client (PKCE only)."
+    )
+
+
+class ClientPreregisteredOutput(ClientOutput):
+    client_secret = serializers.CharField(read_only=True, allow_null=True,
+                                          help_text="Shown this once; stored hashed. Null for public clients.")
+
+    class Meta(ClientOutput.Meta):
+        fields = (*ClientOutput.Meta.fields, "client_secret")
+        read_only_fields = fields
 
 
 class ClientFilter(filters.FilterSet):
@@ -456,8 +486,30 @@ class ClientViewSet(ManagementViewSet):
     action_permissions = {
         "list": "view_client", "retrieve": "view_client", "destroy": "delete_client",
         "disable": "change_client", "enable": "change_client", "revoke_sessions": "change_upstreamsession",
-        "metadata": None,
+        "metadata": None, "create": "add_client",
     }
+
+    @extend_schema(summary="Pre-register a client for a server (its secret is returned once)",
+                   request=ClientPreregisterInput, responses={201: ClientPreregisteredOutput})
+    def create(self, request):
+        params = ClientPreregisterInput(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        server = self.visible_servers().filter(slug=data["server"]).first()
+        if server is None:
+            raise serializers.ValidationError({"server": ["No such server among yours."]})
+        try:
+            registration = client_preregister(
+                server=server, name=data["name"], redirect_uris=data["redirect_uris"],
+                confidential=data["confidential"], actor=request.user,
+            )
+        except OAuthError as exc:
+            raise serializers.ValidationError({"redirect_uris": [exc.description]})
+        client = registration.client
+        client.active_sessions = 0
+        body = {**ClientOutput(client, context=self.get_serializer_context()).data,
+                "client_secret": registration.client_secret}  # the clear secret, in this answer only
+        return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 
     def get_queryset(self):
         active = Count("sessions", filter=Q(sessions__revoked_at__isnull=True))

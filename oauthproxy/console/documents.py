@@ -31,6 +31,8 @@ DOCUMENT_FIELDS = (
     "access",
     "groups_claim",
     "tool_policy",
+    "strict_scopes",
+    "client_admission",
 )
 
 

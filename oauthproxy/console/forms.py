@@ -156,3 +156,30 @@ class RevokeForm(forms.Form):
 
 def pretty_json(value) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
+
+
+class ClientPreregisterForm(forms.Form):
+    """A client an operator creates for a connector with a client ID field (``client_preregister``)."""
+
+    server = forms.ModelChoiceField(queryset=McpServer.objects.none(), help_text="The MCP server it connects to.")
+    name = forms.CharField(max_length=255, help_text="Shown to users on the consent page.")
+    redirect_uris = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 80}),
+        help_text="One per line, exactly as the connector documents them "
+        "(e.g. https://claude.ai/api/mcp/auth_callback).",
+    )
+    confidential = forms.BooleanField(
+        required=False,
+        initial=True,
+        help_text="Issue a client secret (shown once, stored hashed). Untick for a public client (PKCE only).",
+    )
+
+    def __init__(self, *args, servers, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["server"].queryset = servers
+
+    def clean_redirect_uris(self) -> list[str]:
+        uris = [line.strip() for line in self.cleaned_data["redirect_uris"].splitlines() if line.strip()]
+        if not uris:
+            raise forms.ValidationError("Enter at least one redirect URI.")
+        return uris

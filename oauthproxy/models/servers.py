@@ -169,6 +169,27 @@ class McpServer(models.Model):
         "rule is listed and callable only for users in one of its groups; other tools are open to every "
         "admitted user. Empty: every tool for everyone admitted.",
     )
+    # Clients (issue 16): what happens to requested scopes this server does not offer, and who may connect.
+    strict_scopes = models.BooleanField(
+        default=False,
+        help_text="Refuse authorization requests that ask for a scope this server does not offer "
+        "(invalid_scope). Off: such scopes are dropped and the token's scope says what was granted "
+        "(RFC 6749 §3.3); hosted clients such as claude.ai send scopes of their own.",
+    )
+
+    class ClientAdmission(models.TextChoices):
+        ANY = "any", "Any client (registration and metadata documents open)"
+        KNOWN = "known", "Known clients and pre-registered clients only"
+        PREREGISTERED = "preregistered", "Pre-registered clients only"
+
+    client_admission = models.CharField(
+        "client admission",
+        max_length=16,
+        choices=ClientAdmission.choices,
+        default=ClientAdmission.ANY,
+        help_text="Which clients may register and connect. Known clients are the major MCP clients of the "
+        "catalog shipped with the proxy (by metadata-document URL or redirect URI).",
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 

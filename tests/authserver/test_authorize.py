@@ -194,7 +194,9 @@ class TestErrorsRedirectedToTheClient:
     def test_resource_must_be_this_server(self, browser, server, mcp_client, resource):
         assert_error_redirect(authorize(browser, server, mcp_client, resource=resource), "invalid_target")
 
-    def test_invalid_scope(self, browser, server, mcp_client):
+    def test_invalid_scope_when_the_server_is_strict(self, browser, server, mcp_client):
+        server.strict_scopes = True
+        server.save()
         response = authorize(browser, server, mcp_client, scope="openid admin")
         assert_error_redirect(response, "invalid_scope")
 

@@ -3,8 +3,8 @@ from urllib.parse import urlsplit
 import pytest
 
 BASE = "https://proxy.example.test"
-AS_METADATA_PATHS = [
-    "/.well-known/oauth-authorization-server/oauth/{slug}",
+AS_METADATA_PATHS = ["/.well-known/oauth-authorization-server/oauth/{slug}"]
+OPENID_PATHS = [
     "/.well-known/openid-configuration/oauth/{slug}",
     "/oauth/{slug}/.well-known/openid-configuration",
 ]
@@ -36,7 +36,11 @@ class TestAuthorizationServerMetadata:
         assert doc["response_modes_supported"] == ["query"]
         assert doc["grant_types_supported"] == ["authorization_code", "refresh_token"]
         assert doc["code_challenge_methods_supported"] == ["S256"]
-        assert doc["token_endpoint_auth_methods_supported"] == ["none", "client_secret_basic", "client_secret_post"]
+        assert doc["token_endpoint_auth_methods_supported"] == [
+            "none", "client_secret_basic", "client_secret_post", "private_key_jwt"
+        ]
+        assert "RS256" in doc["token_endpoint_auth_signing_alg_values_supported"]
+        assert not {"none", "HS256"} & set(doc["token_endpoint_auth_signing_alg_values_supported"])
         assert "none" in doc["revocation_endpoint_auth_methods_supported"]
         assert doc["introspection_endpoint_auth_methods_supported"] == ["client_secret_basic", "client_secret_post"]
         assert doc["scopes_supported"] == ["openid", "email", "offline_access"]
@@ -44,11 +48,31 @@ class TestAuthorizationServerMetadata:
         assert doc["authorization_response_iss_parameter_supported"] is True
         assert doc["protected_resources"] == [f"{BASE}/mcp/crm"]
 
-    def test_issuer_is_byte_identical_at_every_location(self, client, server):
-        bodies = [client.get(path.format(slug="crm")).content for path in AS_METADATA_PATHS]
-        assert bodies[0] == bodies[1] == bodies[2]
-        issuers = {client.get(path.format(slug="crm")).json()["issuer"] for path in AS_METADATA_PATHS}
-        assert issuers == {server.issuer_url}
+    def test_issuer_is_the_server_issuer_byte_for_byte(self, client, server):
+        assert client.get(AS_METADATA_PATHS[0].format(slug="crm")).json()["issuer"] == server.issuer_url
+
+
+@pytest.mark.django_db
+class TestOpenIdLocations:
+    """The proxy issues no ID tokens: the OpenID locations answer 404 rather than a partial OpenID
+    Provider document, and RFC 8414 stays the source of truth (what MCP clients fall back to)."""
+
+    @pytest.mark.parametrize("path", OPENID_PATHS)
+    def test_openid_configuration_is_not_served(self, client, server, path):
+        response = client.get(path.format(slug=server.slug))
+        assert response.status_code == 404
+        assert response.json()["error"] == "not_found"
+        assert "oauth-authorization-server" in response.json()["error_description"]
+        assert "jwks_uri" not in response.content.decode()
+
+    @pytest.mark.parametrize("path", OPENID_PATHS)
+    def test_also_for_unknown_servers(self, client, server, path):
+        assert client.get(path.format(slug="nope")).status_code == 404
+
+    def test_rfc8414_document_is_still_served(self, client, server):
+        doc = client.get(AS_METADATA_PATHS[0].format(slug=server.slug)).json()
+        assert doc["issuer"] == server.issuer_url
+        assert "id_token_signing_alg_values_supported" not in doc
 
     def test_reachable_where_rfc8414_says_for_its_issuer(self, client, server):
         response = client.get(rfc8414_metadata_path(server.issuer_url))

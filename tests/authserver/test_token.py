@@ -518,8 +518,22 @@ class TestRefresh:
         tokens = issue_tokens(http, server, mcp_client, scope="openid email")
         narrowed = refresh(http, server, mcp_client, tokens["refresh_token"], scope="email")
         assert narrowed.status_code == 200 and narrowed.json()["scope"] == "email"
-        widened = refresh(http, server, mcp_client, narrowed.json()["refresh_token"], scope="email admin")
+        widened = refresh(http, server, mcp_client, narrowed.json()["refresh_token"], scope="email openid")
         assert_error(widened, 400, "invalid_scope")
+
+    def test_scopes_the_server_does_not_offer_are_dropped_at_refresh(self, http, server, mcp_client):
+        tokens = issue_tokens(http, server, mcp_client, scope="openid email")
+        answer = refresh(http, server, mcp_client, tokens["refresh_token"], scope="email claudeai")
+        assert answer.status_code == 200 and answer.json()["scope"] == "email"
+        only_unknown = refresh(http, server, mcp_client, answer.json()["refresh_token"], scope="mcp")
+        assert only_unknown.status_code == 200 and only_unknown.json()["scope"] == "email"
+
+    def test_a_strict_server_refuses_unknown_scopes_at_refresh(self, http, server, mcp_client):
+        tokens = issue_tokens(http, server, mcp_client, scope="openid email")
+        server.strict_scopes = True
+        server.save()
+        assert_error(refresh(http, server, mcp_client, tokens["refresh_token"], scope="email admin"),
+                     400, "invalid_scope")
 
     def test_resource_must_be_this_server(self, http, server, mcp_client):
         tokens = issue_tokens(http, server, mcp_client)

@@ -49,7 +49,14 @@ from oauthlib.oauth2.rfc6749 import errors
 from oauthlib.oauth2.rfc6749.grant_types.authorization_code import code_challenge_method_s256
 
 from oauthproxy.authserver.cimd import client_resolve
+from oauthproxy.authserver.client_auth import (
+    PRIVATE_KEY_JWT,
+    client_accepts_public_auth,
+    client_assertion_authenticate,
+    client_assertion_subject,
+)
 from oauthproxy.authserver.dot.rotation import rotation_write
+from oauthproxy.authserver.known_clients import client_row_admitted
 from oauthproxy.core.audit import audit_event
 from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import (
@@ -84,20 +91,35 @@ def one_or_none(queryset):
 
 @dataclass(frozen=True)
 class ClientCredentials:
-    """What the client presented: ``method`` is client_secret_basic, client_secret_post or none."""
+    """What the client presented: ``method`` is client_secret_basic, client_secret_post, private_key_jwt
+    (``assertion`` holds the JWT) or none."""
 
     client_id: str | None
     client_secret: str | None
     method: str
+    assertion: str | None = field(default=None, repr=False)
 
 
 def client_credentials_parse(
-    *, authorization: str | None, client_id: str | None, client_secret: str | None
+    *,
+    authorization: str | None,
+    client_id: str | None,
+    client_secret: str | None,
+    client_assertion: str | None = None,
+    client_assertion_type: str | None = None,
 ) -> ClientCredentials:
-    """The client's credentials from the HTTP Basic header (RFC 6749 §2.3.1: form-encoded, then base64) or
-    the body. Raises ``InvalidClient`` for unreadable Basic credentials and ``InvalidRequest`` when two
-    authentication methods are mixed (§2.3: one per request)."""
+    """The client's credentials from the HTTP Basic header (RFC 6749 §2.3.1: form-encoded, then base64), the
+    body, or a JWT client assertion (RFC 7523 §2.2, whose ``sub`` is the client_id). Raises ``InvalidClient``
+    for unreadable Basic credentials or assertions and ``InvalidRequest`` when two authentication methods are
+    mixed (§2.3: one per request)."""
     scheme, _, value = (authorization or "").strip().partition(" ")
+    if client_assertion or client_assertion_type:
+        if client_secret or scheme.lower() == "basic":
+            raise InvalidRequest("Use one client authentication method: a client assertion or a secret, not both.")
+        subject = client_assertion_subject(assertion=client_assertion or "", assertion_type=client_assertion_type)
+        if client_id and client_id != subject:
+            raise InvalidClient("client_id differs from the client assertion's sub.")
+        return ClientCredentials(subject, None, PRIVATE_KEY_JWT, client_assertion)
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
@@ -245,6 +267,8 @@ class ProxyOAuth2Validator(OAuth2Validator):
             client = client_lookup(server=self.server, client_id=client_id)
         if client is None or not client.is_usable(request):
             return None
+        if not client_row_admitted(server=self.server, client=client):
+            return None  # the server's admission policy changed since this client registered
         if client.client_secret_expires_at and client.client_secret_expires_at <= timezone.now():
             return None
         self.outcome.client = request.client = client
@@ -254,15 +278,26 @@ class ProxyOAuth2Validator(OAuth2Validator):
         client_id = self.credentials.client_id
         client = self._load_application(client_id, request) if client_id else None
         # An unknown client "requires" authentication, which then fails: invalid_client (DESIGN §6).
-        return client is None or client_is_confidential(client)
+        if client is None or client_is_confidential(client) or self.credentials.method == PRIVATE_KEY_JWT:
+            return True
+        return not client_accepts_public_auth(client)
 
     def authenticate_client(self, request, *args, **kwargs):
         credentials = self.credentials
         client = self._load_application(credentials.client_id, request) if credentials.client_id else None
+        if client is not None and credentials.method == PRIVATE_KEY_JWT:
+            try:
+                client_assertion_authenticate(server=self.server, client=client, assertion=credentials.assertion)
+            except InvalidClient as exc:
+                raise errors.InvalidClientError(description=exc.description, request=request)
+            request.client_id = client.client_id
+            return True
         if client is None or not client_is_confidential(client) or not credentials.client_secret:
             return False
         registered = client.token_endpoint_auth_method
-        if registered in CONFIDENTIAL_METHODS and credentials.method != registered:
+        # A pre-registered client may send its secret either way: the connectors it is typed into differ.
+        either_way = client.registration_source == Client.RegistrationSource.MANUAL
+        if registered in CONFIDENTIAL_METHODS and credentials.method != registered and not either_way:
             return False
         if not verified_secrets.check(credentials.client_secret, client.client_secret, self._check_secret):
             return False
@@ -272,7 +307,7 @@ class ProxyOAuth2Validator(OAuth2Validator):
     def authenticate_client_id(self, client_id, request, *args, **kwargs):
         client_id = client_id or self.credentials.client_id
         client = self._load_application(client_id, request) if client_id else None
-        if client is None or client_is_confidential(client):
+        if client is None or client_is_confidential(client) or not client_accepts_public_auth(client):
             return False
         request.client_id = client.client_id
         return True

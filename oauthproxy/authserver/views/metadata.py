@@ -1,7 +1,9 @@
 """Discovery documents, one set per MCP server (DESIGN §2).
 
-- RFC 8414 authorization server metadata, also served at the two OpenID discovery locations MCP clients
-  try; the issuer is ``server.issuer_url`` byte for byte everywhere.
+- RFC 8414 authorization server metadata; the issuer is ``server.issuer_url`` byte for byte everywhere.
+  The two OpenID discovery locations MCP clients also try answer 404: the proxy issues no ID tokens and
+  has no ID-token signing keys, so a complete, true OpenID Provider document cannot be served there, and a
+  partial one makes OpenID clients choke. Clients fall back to RFC 8414 (the MCP specification's order).
 - RFC 9728 protected resource metadata for the server's MCP endpoint.
 
 Both are public and cacheable, and carry ``Access-Control-Allow-Origin: *`` because browser-based MCP
@@ -14,6 +16,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
+from oauthproxy.authserver.client_auth import ALGORITHMS, PRIVATE_KEY_JWT
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.models import McpServer
@@ -21,7 +24,7 @@ from oauthproxy.models.servers import SLUG_RE
 
 METADATA_CACHE_CONTROL = "public, max-age=300"
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, MCP-Protocol-Version"
-CLIENT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
+CLIENT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post", PRIVATE_KEY_JWT]
 RESOURCE_SERVER_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 
 
@@ -84,6 +87,20 @@ class AuthorizationServerMetadataApi(OpenProtocolApi):
         return _metadata_response(authorization_server_metadata(server=self.server_get(slug)))
 
 
+class OpenIdConfigurationApi(OpenProtocolApi):
+    """``/.well-known/openid-configuration/oauth/<slug>`` and ``/oauth/<slug>/.well-known/openid-configuration``:
+    404 for every server (see the module docstring); RFC 8414 is the source of truth."""
+
+    def get(self, request, slug: str):
+        raise OpenIdConfigurationNotServed()
+
+
+class OpenIdConfigurationNotServed(ServerNotFound):
+    def __init__(self):
+        super().__init__("This is an OAuth 2.0 authorization server, not an OpenID Provider: its metadata is at "
+                         "/.well-known/oauth-authorization-server/oauth/<slug> (RFC 8414).")
+
+
 class ProtectedResourceMetadataApi(OpenProtocolApi):
     """RFC 9728 at ``/.well-known/oauth-protected-resource/mcp/<slug>``."""
 
@@ -106,7 +123,10 @@ def authorization_server_metadata(*, server: McpServer) -> dict:
         "grant_types_supported": ["authorization_code", "refresh_token"],
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+        # private_key_jwt: metadata-document clients only (their document's keys, see client_auth).
+        "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "revocation_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "introspection_endpoint_auth_methods_supported": RESOURCE_SERVER_AUTH_METHODS,
         "client_id_metadata_document_supported": True,
         "authorization_response_iss_parameter_supported": True,
