@@ -13,8 +13,8 @@ from django.db import transaction
 # What a team member may do, per model of the oauthproxy app.
 TEAM_PERMISSIONS = {
     "mcpserver": ("view", "add", "change", "delete"),
-    # Clients register themselves; members rename, disable and delete them.
-    "client": ("view", "change", "delete"),
+    # Clients register themselves; members pre-register (add), rename, disable and delete them.
+    "client": ("view", "add", "change", "delete"),
     # Sessions are revoked (change); delete revokes first and is needed to delete a server or client.
     "upstreamsession": ("view", "change", "delete"),
     "auditevent": ("view",),
