@@ -6,8 +6,9 @@ when:
 
 - its ``client_id`` is a metadata-document URL under one of an entry's prefixes (proven: the proxy
   fetched the document from that host), or
-- every redirect URI it registered is one of an entry's ``redirect_uris`` (exactly), or, for entries
-  with ``loopback_paths``, a loopback URI (RFC 8252 §7.3, any port) with one of those paths. Redirect
+- every redirect URI it registered is one of an entry's ``redirect_uris`` (exactly, at least one of them)
+  or, for entries with ``loopback_paths``, a loopback URI (RFC 8252 §7.3, any port) with one of those
+  paths; or, failing that, all are such loopback URIs (the first entry with that path is named). Redirect
   URIs on a vendor's https host bind the authorization code to that vendor; loopback ones only say which
   program is likely asking (any local program can use them), which the admin and consent page show as
   "known" with the basis for it.
@@ -129,8 +130,9 @@ def known_client_match(*, client_id: str, redirect_uris: list[str] | str) -> Kno
         return KnownMatch(max(by_document, key=lambda pair: pair[0])[1], "metadata document")
     if not uris:
         return None
-    for entry in KNOWN_CLIENTS:
-        if entry.redirect_uris and all(uri in entry.redirect_uris for uri in uris):
+    for entry in KNOWN_CLIENTS:  # its vendor redirect URIs, plus perhaps its loopback ones (VS Code)
+        vendor = [uri in entry.redirect_uris for uri in uris]
+        if any(vendor) and all(v or _is_loopback(uri, entry.loopback_paths) for v, uri in zip(vendor, uris)):
             return KnownMatch(entry, "redirect URI")
     for entry in KNOWN_CLIENTS:
         if entry.loopback_paths and all(_is_loopback(uri, entry.loopback_paths) for uri in uris):

@@ -1,0 +1,94 @@
+"""The desktop and developer MCP clients, each replayed as it registers and connects (documented values):
+
+- VS Code: DCR with ``https://vscode.dev/redirect``, ``https://insiders.vscode.dev/redirect`` and loopback
+  ``http://127.0.0.1/`` / ``http://127.0.0.1:33418/``; asks for ``device_code`` too (dropped); authorizes with
+  a loopback port of the moment.
+- Cursor: DCR with ``cursor://anysphere.cursor-mcp/oauth/callback`` (and its hosted agents' callback).
+- Gemini CLI: DCR with ``http://localhost:7777/oauth/callback``.
+- MCP Inspector: DCR with ``http://localhost:6274/oauth/callback`` (and ``/debug``), ``client_secret_basic``
+  unless told otherwise... here as the SDK default it sends: ``none``.
+- Goose and Zed: DCR with a loopback redirect on a port of the moment.
+- Codex: a metadata document under ``https://chatgpt.com/oauth/codex/``, public, loopback ``/callback``.
+"""
+
+import pytest
+import responses
+from django.core.cache import cache
+
+from oauthproxy.authserver.cimd import client_resolve
+from oauthproxy.authserver.known_clients import client_known
+from oauthproxy.models import Client
+from tests.authserver.clients import connect, register, serve_document
+
+DCR_CLIENTS = {
+    "vscode": (
+        {"client_name": "Visual Studio Code", "grant_types": ["authorization_code", "refresh_token",
+                                                              "urn:ietf:params:oauth:grant-type:device_code"],
+         "redirect_uris": ["https://insiders.vscode.dev/redirect", "https://vscode.dev/redirect",
+                           "http://127.0.0.1/", "http://127.0.0.1:33418/"],
+         "token_endpoint_auth_method": "none", "response_types": ["code"]},
+        "http://127.0.0.1:59656/", "Visual Studio Code",
+    ),
+    "cursor": (
+        {"client_name": "Cursor", "redirect_uris": ["cursor://anysphere.cursor-mcp/oauth/callback",
+                                                    "https://www.cursor.com/agents/mcp/oauth/callback"],
+         "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]},
+        "cursor://anysphere.cursor-mcp/oauth/callback", "Cursor",
+    ),
+    "gemini-cli": (
+        {"client_name": "Gemini CLI MCP Client", "redirect_uris": ["http://localhost:7777/oauth/callback"],
+         "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]},
+        "http://localhost:7777/oauth/callback", "Gemini CLI",
+    ),
+    "mcp-inspector": (
+        {"client_name": "MCP Inspector", "redirect_uris": ["http://localhost:6274/oauth/callback",
+                                                           "http://localhost:6274/oauth/callback/debug"],
+         "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"],
+         "scope": "mcp"},
+        "http://localhost:6274/oauth/callback", "MCP Inspector",
+    ),
+    "goose": (
+        {"client_name": "goose", "redirect_uris": ["http://localhost:51234/oauth_callback"],
+         "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]},
+        "http://localhost:51234/oauth_callback", "Goose",
+    ),
+    "zed": (
+        {"client_name": "Zed", "redirect_uris": ["http://127.0.0.1:40123/mcp/oauth/callback"],
+         "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]},
+        "http://127.0.0.1:40123/mcp/oauth/callback", "Zed",
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("key", sorted(DCR_CLIENTS))
+def test_registers_and_connects(client, server, key):
+    registration, redirect_uri, known_as = DCR_CLIENTS[key]
+    registered = register(client, server, registration)
+    assert registered["grant_types"] == ["authorization_code", "refresh_token"]
+    row = Client.objects.get(client_id=registered["client_id"])
+    assert client_known(row).entry.name == known_as
+    result = connect(client, server, registered["client_id"], redirect_uri=redirect_uri,
+                     scope=registration.get("scope"), resource=server.resource_url)
+    assert result["query"]["state"] and result["query"]["iss"] == server.issuer_url
+    assert set(result["tokens"]["scope"].split()) <= set(server.scopes)
+
+
+@pytest.mark.django_db
+def test_codex_metadata_document(client, server):
+    url = "https://chatgpt.com/oauth/codex/client.json"
+    document = {"client_id": url, "client_name": "Codex", "redirect_uris": ["http://localhost/callback"],
+                "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+                "token_endpoint_auth_method": "none", "token_endpoint_auth_methods_supported": ["none"]}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        serve_document(mock, document)
+        row = client_resolve(server=server, client_id=url)
+        assert client_known(row).entry.name == "Codex"
+        connect(client, server, url, redirect_uri="http://localhost:1455/callback", resource=server.resource_url)
