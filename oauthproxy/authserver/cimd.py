@@ -3,8 +3,8 @@
 A client whose ``client_id`` is an https URL with a path is resolved by fetching that URL. The document
 must name itself (its ``client_id`` equals the URL byte for byte), hold no secret, name a method the proxy
 supports (``token_endpoint_auth_method``, else the first of ``token_endpoint_auth_methods_supported``
-that is: ``none``, or ``private_key_jwt`` with a ``jwks_uri`` or ``jwks``, see ``client_auth``) and pass the same metadata and redirect URI
-rules as Dynamic Client Registration. It then becomes a ``Client`` row of that server
+that is: ``none``, or ``private_key_jwt`` with a ``jwks_uri`` or ``jwks``, see ``client_auth``) and pass
+the same metadata and redirect URI rules as Dynamic Client Registration. It then becomes a ``Client`` row of that server
 (``registration_source = cimd``), refreshed when the HTTP cache lifetime (``Cache-Control: max-age``,
 clamped by DOT's ``CIMD_METADATA_MIN/MAX_AGE_SECONDS``) has passed. A failed refresh keeps the last good
 document; a failure is remembered for ``CIMD_FAILURE_BACKOFF_SECONDS`` so a bad URL is not refetched on

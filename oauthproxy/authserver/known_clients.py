@@ -132,7 +132,8 @@ def known_client_match(*, client_id: str, redirect_uris: list[str] | str) -> Kno
         return None
     for entry in KNOWN_CLIENTS:  # its vendor redirect URIs, plus perhaps its loopback ones (VS Code)
         vendor = [uri in entry.redirect_uris for uri in uris]
-        if any(vendor) and all(v or _is_loopback(uri, entry.loopback_paths) for v, uri in zip(vendor, uris)):
+        rest = [uri for uri, is_vendor in zip(uris, vendor, strict=True) if not is_vendor]
+        if any(vendor) and all(_is_loopback(uri, entry.loopback_paths) for uri in rest):
             return KnownMatch(entry, "redirect URI")
     for entry in KNOWN_CLIENTS:
         if entry.loopback_paths and all(_is_loopback(uri, entry.loopback_paths) for uri in uris):

@@ -68,7 +68,7 @@ class TestPreregistered:
 class TestExpiry:
     def test_registrations_with_live_grants_are_kept_unused_ones_expire(self, server):
         old = timezone.now() - timedelta(days=30)
-        unused = make_client(server, name="unused")
+        make_client(server, name="unused")
         with_grant = make_client(server, name="with grant")
         make_upstream_session(server, with_grant)
         Client.objects.update(created=old)

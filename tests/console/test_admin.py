@@ -26,6 +26,7 @@ def form_data(**overrides) -> dict:
         "revocation_endpoint": "",
         "access_token_lifetime": "",
         "refresh_token_lifetime": "",
+        "client_admission": "any",
     }
     data.update(overrides)
     return data
