@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("oauthproxy", "0007_try_it"),
+        ("oauthproxy", "0008_team_api_token"),
     ]
 
     operations = [
