@@ -55,7 +55,7 @@ class TestClaudeAi:
         page = consent_page(client, server, row, redirect_uri=CLAUDE_REDIRECT, scope="openid claudeai")
         assert "Known: Claude (claude.ai, Claude Desktop) (by redirect URI)" in page
         assert "<code>openid</code>" in page or "Confirm who you are" in page
-        assert "claudeai" not in page and "offline_access" not in page
+        assert "claudeai" not in page  # the dropped scope is not offered on the page
 
     def test_a_strict_server_refuses_its_scopes(self, client, server):
         server.strict_scopes = True
