@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("oauthproxy", "0008_team_api_token"),
+        ("oauthproxy", "0009_access_policy"),
     ]
 
     operations = [
