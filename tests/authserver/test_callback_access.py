@@ -15,6 +15,7 @@ from django.db import connection
 from oauthproxy.core import metrics
 from oauthproxy.grants.sessions import session_user
 from oauthproxy.models import AuditEvent, Grant, UpstreamSession
+from oauthproxy.upstream.client import upstream_nonce
 from tests.conftest import make_server
 from tests.flows.helpers import DEFAULT_REDIRECT_URI, DEFAULT_STATE, callback, make_client, query_of, upstream_redirect
 
@@ -40,9 +41,9 @@ def tokens(server, **claims) -> dict:
 
 
 def sign_in(browser, upstream, server, **claims):
-    body = tokens(server, **claims)
-    upstream.add(responses.POST, server.token_endpoint, json=body)
     state = query_of(upstream_redirect(browser, server, make_client(server)))["state"]
+    body = tokens(server, nonce=upstream_nonce(state), **claims)  # the ID token echoes this login's nonce
+    upstream.add(responses.POST, server.token_endpoint, json=body)
     return callback(browser, server, state=state), body
 
 
