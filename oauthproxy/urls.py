@@ -10,10 +10,11 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from oauthproxy.authserver.views import authorize, callback, consent, token
+from oauthproxy.authserver.views import authorize, callback, connections, consent, token
 from oauthproxy.authserver.views.introspection import IntrospectApi
 from oauthproxy.authserver.views.metadata import (
     AuthorizationServerMetadataApi,
+    IdentityJwksApi,
     OpenIdConfigurationApi,
     ProtectedResourceMetadataApi,
 )
@@ -73,6 +74,10 @@ urlpatterns = [
     path("oauth/<str:slug>/token", token.token, name="oauth-token"),
     path("oauth/<str:slug>/revoke", token.revoke, name="oauth-revoke"),
     path("oauth/<str:slug>/introspect", IntrospectApi.as_view(), name="oauth-introspect"),
+    # The public keys of the server's identity assertions (X-Identity-Assertion).
+    path("oauth/<str:slug>/jwks.json", IdentityJwksApi.as_view(), name="oauth-jwks"),
+    # A signed-in user's own connections (approved MCP clients), and disconnecting one.
+    path("connections/", connections.connections, name="connections"),
     GATEWAY_ROUTE,
     # The management API, its OpenAPI document and docs.
     path("api/v1/", include(router.urls)),

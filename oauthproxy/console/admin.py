@@ -262,6 +262,15 @@ class McpServerAdmin(TeamScopedAdmin):
             {"description": ACCESS_NOTE, "fields": ("access", "groups_claim", "tool_policy")},
         ),
         (
+            "Identity for the internal server",
+            {
+                "description": "The gateway can tell the internal MCP server who is calling with a signed JWT "
+                "(X-Identity-Assertion), verifiable with the keys at /oauth/<slug>/jwks.json; rotate them with "
+                "manage.py rotate_identity_key.",
+                "fields": ("identity_assertion", "forward_upstream_token"),
+            },
+        ),
+        (
             "Shared-quota protection",
             {"description": QUOTA_NOTE, "fields": ("client_upstream_rate_limit", "client_upstream_daily_quota")},
         ),

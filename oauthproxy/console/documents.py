@@ -26,6 +26,8 @@ DOCUMENT_FIELDS = (
     "access_token_lifetime",
     "refresh_token_lifetime",
     "send_identity_headers",
+    "identity_assertion",
+    "forward_upstream_token",
     "client_upstream_rate_limit",
     "client_upstream_daily_quota",
     "access",

@@ -106,6 +106,11 @@ GATEWAY_TOOLS_REFUSED = Counter(
     "tools/call requests the gateway refused under the server's tool policy (never sent to the internal server).",
     ["server"],
 )
+IDENTITY_ASSERTIONS = Counter(
+    "oauthproxy_identity_assertions_issued",
+    "X-Identity-Assertion JWTs signed for forwarded requests (a cached assertion is counted once).",
+    ["server"],
+)
 GATEWAY_LATENCY = Histogram(
     "oauthproxy_gateway_request_duration_seconds",
     "Time until the gateway sent its response headers (streams then stay open as long as they last).",
@@ -184,6 +189,10 @@ def gateway_request_record(*, server: str | None, method: str, status: int, seco
 
 def gateway_tool_refused(*, server: str) -> None:
     GATEWAY_TOOLS_REFUSED.labels(server=_server(server)).inc()
+
+
+def identity_assertion_issued(*, server: str) -> None:
+    IDENTITY_ASSERTIONS.labels(server=_server(server)).inc()
 
 
 # -- exposition ------------------------------------------------------------------------------------

@@ -60,6 +60,15 @@ DEFAULTS: dict[str, Any] = {
     "GATEWAY_STREAM_IDLE_TIMEOUT": 600.0,  # GET SSE: close after this long without a byte from the server
     "GATEWAY_MAX_REQUEST_BYTES": 16 * 1024 * 1024,  # the largest request body the gateway forwards
     "GATEWAY_REQUIRED_SCOPES": None,  # optional dotted path of a function (server) -> scopes
+    # Identity assertions (X-Identity-Assertion): lifetime (at most 60 s), how long before its expiry a
+    # cached assertion is replaced, how long a process keeps a server's signing key, the default overlap
+    # of `manage.py rotate_identity_key` (the retired key stays published that long).
+    "IDENTITY_ASSERTION_LIFETIME": 60,
+    "IDENTITY_ASSERTION_RENEW_BEFORE": 15,
+    "IDENTITY_KEY_CACHE_SECONDS": 60,
+    "IDENTITY_KEY_ROTATION_OVERLAP": 24 * 3600,
+    # My connections: how long a sign-in there lasts in the browser.
+    "CONNECTIONS_SIGNIN_SECONDS": 3600,
 }
 
 

@@ -111,7 +111,9 @@ class TokenGrant:
     client_id: str
     subject: str
     session_id: UUID
-    user: UserClaims | None = None  # the claims the access and tool policies look at (gateway/policy.py)
+    # The user's claims (email, name, groups): the access and tool policies (gateway/policy.py) and the
+    # identity assertion (gateway/identity.py) read them.
+    user: UserClaims | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from oauthproxy.gateway.auth import (
     gateway_auth_caches_clear,
     gateway_upstream_credential,
 )
+from oauthproxy.gateway.identity import gateway_identity_headers, identity_caches_clear
 from oauthproxy.gateway.mcp_sessions import mcp_session_id_open, mcp_session_id_seal
 from oauthproxy.gateway.servers import GatewayServer
 
@@ -93,6 +94,7 @@ def gateway_caches_clear() -> None:
     """Forget every cached server, token and upstream credential of this process (tests, admin tools)."""
     caching.servers.clear()
     gateway_auth_caches_clear()
+    identity_caches_clear()
 
 
 # -- forwarding --------------------------------------------------------------------------------------
@@ -138,9 +140,10 @@ async def gateway_forward(
     and ``InvalidToken`` (the session ended, or the internal server keeps refusing its credential).
     """
     forwarded = _forwarded_headers(server, grant, headers)
+    forwarded += await gateway_identity_headers(server=server, grant=grant)
     credential = await _credential(grant)
     response = await _send(server, method, forwarded, body, credential)
-    if response.status == 401:
+    if response.status == 401 and server.forward_upstream_token:
         await response.aclose()
         logger.info("gateway %s: internal server refused the upstream token; refreshing once", server.slug)
         renewed = await _credential(grant, rejected=credential)
@@ -237,7 +240,9 @@ async def _send(
     body: bytes,
     credential: UpstreamCredential,
 ) -> InternalServerResponse:
-    headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
+    headers = forwarded
+    if server.forward_upstream_token:
+        headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
     pool = internal_server_pool()
     pool_timeout = float(proxy_settings.GATEWAY_POOL_TIMEOUT)
     try:

@@ -43,6 +43,11 @@ class GatewayServer:
     # The access and tool policies (gateway/policy.py); None / empty: none, nothing to check or parse.
     access: dict | None = None
     tool_policy: tuple = ()
+    # Identity assertion (gateway.identity): signed for `audience` (the mcp_url) by `issuer_url`.
+    identity_assertion: bool = False
+    forward_upstream_token: bool = True
+    issuer_url: str = ""
+    audience: str = ""
 
 
 _UNKNOWN_SERVER = object()  # the view of an unknown or disabled slug: probing them costs no query either
@@ -93,6 +98,10 @@ def gateway_server_snapshot(server: McpServer) -> GatewayServer:
         write_timeout=write,
         access=dict(server.access) if access_is_restricted(server.access) else None,
         tool_policy=tuple(server.tool_policy or ()),
+        identity_assertion=server.identity_assertion,
+        forward_upstream_token=server.forward_upstream_token,
+        issuer_url=server.issuer_url,
+        audience=server.mcp_url,
     )
 
 

@@ -30,15 +30,22 @@ MAX_TEXT = 255
 
 @dataclass(frozen=True, slots=True)
 class UserClaims:
-    """What the policies look at: the user's subject, email (empty when unknown or unverified) and groups."""
+    """The user's claims as the proxy keeps them: the subject, email (empty when unknown or unverified)
+    and groups, which the policies look at, and the display name, which only the identity assertion
+    carries (gateway/identity.py)."""
 
     subject: str
     email: str = ""
     groups: tuple[str, ...] = ()
+    name: str = ""
 
     def as_stored(self) -> dict:
-        """The claims kept on the upstream session (encrypted): only what the policies need."""
-        return {"email": self.email, "groups": list(self.groups)}
+        """The claims kept on the upstream session (encrypted): only what the policies and the identity
+        assertion need."""
+        stored = {"email": self.email, "groups": list(self.groups)}
+        if self.name:
+            stored["name"] = self.name
+        return stored
 
     @classmethod
     def from_stored(cls, *, subject: str, stored: Mapping | None) -> UserClaims:
@@ -48,6 +55,7 @@ class UserClaims:
             subject=subject,
             email=str(stored.get("email") or ""),
             groups=tuple(str(group) for group in groups if isinstance(group, str))[:MAX_GROUPS],
+            name=str(stored.get("name") or ""),
         )
 
 
@@ -73,7 +81,7 @@ def claim_lookup(claims: Mapping, path: str):
 
 
 def user_claims_from(*, subject: str, claims: Mapping, groups_claim: str = "") -> UserClaims:
-    """The policy's view of an ID token's or userinfo's claims."""
+    """The proxy's view of an ID token's or userinfo's claims."""
     email = claims.get("email")
     email = email.strip().lower() if isinstance(email, str) and "@" in email else ""
     if email and claims.get("email_verified") in (False, "false"):
@@ -84,7 +92,9 @@ def user_claims_from(*, subject: str, claims: Mapping, groups_claim: str = "") -
     if not isinstance(raw_groups, (list, tuple)):
         raw_groups = []
     groups = tuple(dict.fromkeys(str(g)[:MAX_TEXT] for g in raw_groups if isinstance(g, (str, int))))[:MAX_GROUPS]
-    return UserClaims(subject=subject, email=email[:MAX_TEXT], groups=groups)
+    name = claims.get("name")
+    name = name.strip()[:MAX_TEXT] if isinstance(name, str) else ""
+    return UserClaims(subject=subject, email=email[:MAX_TEXT], groups=groups, name=name)
 
 
 # -- decisions -------------------------------------------------------------------------------------

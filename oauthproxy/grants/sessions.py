@@ -33,7 +33,7 @@ class UpstreamSessionEnded(Exception):
 class Subject:
     value: str
     source: str  # id_token, userinfo or opaque
-    claims: UserClaims | None = None  # what the access policies look at (None: nothing known)
+    claims: UserClaims | None = None  # what the policies and the identity assertion read (None: nothing known)
 
     @property
     def user(self) -> UserClaims:
@@ -42,9 +42,9 @@ class Subject:
 
 def subject_learn(*, server: McpServer, tokens: TokenSet, nonce: str | None = None) -> Subject:
     """Who logged in: the ID token's ``sub``, else userinfo's ``sub`` (or GitHub-style ``id``), else an
-    opaque identifier for this grant alone; with the claims the server's access policies need (email,
-    groups), from the ID token and, when it lacks them, userinfo. ``nonce``: what the login sent
-    (``upstream_nonce_expected``); the ID token must carry it."""
+    opaque identifier for this grant alone; with the user's claims (email, groups, name: what the access
+    policies and the identity assertion read), from the ID token and, when it lacks them, userinfo.
+    ``nonce``: what the login sent (``upstream_nonce_expected``); the ID token must carry it."""
     client = UpstreamClient(server)
     if tokens.id_token:
         claims = client.id_token_claims(id_token=tokens.id_token, nonce=nonce)
@@ -65,12 +65,13 @@ def subject_learn(*, server: McpServer, tokens: TokenSet, nonce: str | None = No
 
 
 def _with_userinfo(server: McpServer, client: UpstreamClient, claims: dict, *, access_token: str, subject: str) -> dict:
-    """ID token claims completed from userinfo when a policy needs an email or groups the ID token lacks
-    (many upstreams put them only in userinfo). Userinfo of another subject is ignored (OIDC Core §5.3.2)."""
-    if not server.userinfo_endpoint or not policy_needs_claims(access=server.access, tool_policy=server.tool_policy):
+    """ID token claims completed from userinfo when the server uses claims (access policies, identity
+    assertion) and the ID token lacks the email or groups (or, for the identity assertion, the name):
+    many upstreams put them only in userinfo. Userinfo of another subject is ignored (OIDC Core §5.3.2)."""
+    if not server.userinfo_endpoint or not server_uses_claims(server):
         return claims
     known = user_claims_from(subject=subject, claims=claims, groups_claim=server.groups_claim)
-    if known.email and known.groups:
+    if known.email and known.groups and (known.name or not server.identity_assertion):
         return claims
     info = client.userinfo(access_token=access_token)
     if str(info.get("sub", "")) != subject:
@@ -78,8 +79,14 @@ def _with_userinfo(server: McpServer, client: UpstreamClient, claims: dict, *, a
     return {**info, **{name: value for name, value in claims.items() if value not in (None, "", [])}}
 
 
+def server_uses_claims(server: McpServer) -> bool:
+    """Whether the user's claims matter for this server: its access or tool policies look at them, or its
+    identity assertion carries them. Only then are they completed from userinfo and re-read at refresh."""
+    return server.identity_assertion or policy_needs_claims(access=server.access, tool_policy=server.tool_policy)
+
+
 def session_user(session: UpstreamSession) -> UserClaims:
-    """The claims kept on a session, as the policies read them."""
+    """The claims kept on a session, as the policies and the identity assertion read them."""
     try:
         stored = json.loads(session.claims) if session.claims else None
     except ValueError:
@@ -232,10 +239,11 @@ def _refresh_locked(locked: UpstreamSession, *, needs_refresh, rejected: bool) -
 def _access_recheck(locked: UpstreamSession, tokens: TokenSet) -> Exception | None:
     """After an upstream refresh: re-read the user's claims (the refresh's ID token, else userinfo) and
     end the session when the server's access policy no longer admits the user. The claims kept on the
-    session are updated (set on ``locked``, saved by the caller). Claims that cannot be re-read (the
-    upstream sends neither) keep their last known values."""
+    session are updated (set on ``locked``, saved by the caller), so the policies and the identity
+    assertion see them within ``GATEWAY_CACHE_SECONDS``. Claims that cannot be re-read (the upstream
+    sends neither) keep their last known values."""
     server = locked.server
-    if not policy_needs_claims(access=server.access, tool_policy=server.tool_policy):
+    if not server_uses_claims(server):
         return None
     user = session_user(locked)
     try:
@@ -276,8 +284,9 @@ def _revoke_proxy_tokens(session: UpstreamSession) -> None:
     session.access_tokens.all().delete()
 
 
-def upstream_session_revoke(*, session: UpstreamSession, reason: str, actor=None) -> None:
-    """End a session at the proxy and, where the upstream has a revocation endpoint, at the upstream."""
+def upstream_session_revoke(*, session: UpstreamSession, reason: str, actor=None, upstream: bool = True) -> None:
+    """End a session at the proxy and, where the upstream has a revocation endpoint, at the upstream
+    (``upstream=False``: at the proxy only)."""
     with transaction.atomic():
         locked = _locked_session(session.pk)
         if locked.revoked_at is not None:
@@ -289,8 +298,10 @@ def upstream_session_revoke(*, session: UpstreamSession, reason: str, actor=None
         refresh_token, access_token = locked.refresh_token, locked.access_token
     audit_record(kind=AuditEvent.Kind.SESSION_REVOKED, server=locked.server, client=locked.client, actor=actor,
                  subject=locked.subject, message=reason)
-    upstream = UpstreamClient(locked.server)
+    if not upstream:
+        return
+    client = UpstreamClient(locked.server)
     if refresh_token:
-        upstream.revoke(token=refresh_token, token_type_hint="refresh_token")
+        client.revoke(token=refresh_token, token_type_hint="refresh_token")
     if access_token:
-        upstream.revoke(token=access_token, token_type_hint="access_token")
+        client.revoke(token=access_token, token_type_hint="access_token")

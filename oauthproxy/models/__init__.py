@@ -1,6 +1,7 @@
 from oauthproxy.models.audit import AuditEvent
 from oauthproxy.models.clients import Client
 from oauthproxy.models.consent import Consent, PendingAuthorization
+from oauthproxy.models.identity import IdentityKey
 from oauthproxy.models.introspection import IntrospectionCredential
 from oauthproxy.models.servers import McpServer
 from oauthproxy.models.teams import ApiToken, Team
@@ -15,6 +16,7 @@ __all__ = [
     "Consent",
     "Grant",
     "IDToken",
+    "IdentityKey",
     "IntrospectionCredential",
     "McpServer",
     "PendingAuthorization",

@@ -22,6 +22,7 @@ class AuditEvent(models.Model):
         ADMIN_CHANGE = "admin.change"
         ADMIN_TRY_IT = "admin.try_it", "Admin test login (Try it)"
         ACCESS_DENIED = "access.denied", "Access denied by policy"
+        USER_DISCONNECTED = "user.disconnected", "User disconnected a client (My connections)"
 
     created = models.DateTimeField(auto_now_add=True, db_index=True)
     kind = models.CharField(max_length=40, choices=Kind.choices, db_index=True)

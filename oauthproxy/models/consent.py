@@ -39,6 +39,9 @@ class PendingAuthorization(models.Model):
     An admin's "Try it" test of a server (``services.try_it``) is the same row with a ``tester`` instead
     of a ``client``: no client, redirect URI or client PKCE; it is created approved (the admin asked for
     it) and its callback ends on an admin result page instead of at a client.
+
+    A user's sign-in to "My connections" (``BASE/connections/``) is the same row with neither: no client
+    and no tester, ``for_connections`` set; its callback ends on the connections page.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -48,6 +51,7 @@ class PendingAuthorization(models.Model):
     tester = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+", null=True, blank=True
     )
+    for_connections = models.BooleanField(default=False)
     # Empty until consent is given: no upstream state exists before approval (DESIGN §5.6).
     state_checksum = models.CharField(max_length=64, unique=True, null=True, blank=True)
     browser_key_checksum = models.CharField(max_length=64)
@@ -66,15 +70,18 @@ class PendingAuthorization(models.Model):
     class Meta:
         constraints = [
             models.CheckConstraint(
-                condition=(Q(client__isnull=False) & Q(tester__isnull=True))
-                | (Q(client__isnull=True) & Q(tester__isnull=False)),
-                name="pendingauthorization_client_xor_tester",
+                condition=(Q(client__isnull=False) & Q(tester__isnull=True) & Q(for_connections=False))
+                | (Q(client__isnull=True) & Q(tester__isnull=False) & Q(for_connections=False))
+                | (Q(client__isnull=True) & Q(tester__isnull=True) & Q(for_connections=True)),
+                name="pendingauthorization_one_purpose",
             )
         ]
 
     def __str__(self) -> str:
         if self.is_try_it:
             return f"test authorization {self.pk} by user {self.tester_id}"
+        if self.for_connections:
+            return f"connections sign-in {self.pk}"
         return f"pending authorization {self.pk} for {self.client_id}"
 
     @property

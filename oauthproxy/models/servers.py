@@ -132,6 +132,17 @@ class McpServer(models.Model):
         default=False,
         help_text="Send X-MCP-Subject and X-MCP-Client-Id to the internal MCP server.",
     )
+    identity_assertion = models.BooleanField(
+        default=False,
+        help_text="Send X-Identity-Assertion with every forwarded request: a JWT signed by the proxy (ES256), "
+        "valid for at most 60 seconds, with the user's sub, email, name and groups and the MCP client's ID. "
+        "The internal server verifies it with the keys at /oauth/<slug>/jwks.json.",
+    )
+    forward_upstream_token = models.BooleanField(
+        default=True,
+        help_text="Send the user's upstream access token (Authorization: Bearer) to the internal MCP server. "
+        "Turn off when the internal server relies on the identity assertion alone.",
+    )
     # Shared-quota protection (DESIGN §1): the upstream's rate limits apply to the one shared client, so
     # each MCP client gets its own budget of upstream-touching operations (logins sent upstream, upstream
     # token refreshes). Empty: the deployment default (CLIENT_UPSTREAM_PER_MINUTE/_PER_DAY); 0: unlimited.
@@ -211,6 +222,10 @@ class McpServer(models.Model):
     @property
     def resource_url(self) -> str:
         return f"{settings.PUBLIC_BASE_URL}/mcp/{self.slug}"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.issuer_url}/jwks.json"
 
     @property
     def callback_url(self) -> str:

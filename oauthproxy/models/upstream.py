@@ -18,8 +18,9 @@ class UpstreamSession(models.Model):
     )
     subject_source = models.CharField(max_length=16, default="opaque")  # id_token, userinfo or opaque
     scope = models.TextField(blank=True, help_text="Scopes the upstream granted.")
-    # The user's email and groups as the access policies need them (grants/access.py), JSON, encrypted:
-    # personal data, read by the gateway with the token, re-read from the upstream at each refresh.
+    # Who the user is beyond the subject (email, name, groups), from the ID token or userinfo, as JSON;
+    # encrypted: personal data. The access policies (grants/access.py) and the identity assertion
+    # (gateway/identity.py) read it with the token; it is re-read from the upstream at each refresh.
     claims = EncryptedTextField()
     access_token = EncryptedTextField()
     refresh_token = EncryptedTextField()

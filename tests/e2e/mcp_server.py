@@ -8,7 +8,9 @@ Once it accepts connections it prints ONE JSON line on stdout:
 
 Tools:
     whoami            calls the upstream userinfo endpoint with the bearer token of the incoming HTTP
-                      request and returns its `sub` (proves the gateway forwarded a valid upstream token)
+                      request and returns its `sub` (proves the gateway forwarded a valid upstream token);
+                      with --identity-jwks-url, verifies X-Identity-Assertion instead and returns its `sub`
+    identity          the verified claims of X-Identity-Assertion (needs --identity-jwks-url)
     echo(text)        returns text
     echo_auth         returns the Authorization header the server received ("" when none)
     echo_headers      returns all request headers the server received (lower-cased names)
@@ -20,6 +22,9 @@ Tools:
 
 Environment:
     USERINFO_URL      default for --userinfo-url
+    IDENTITY_JWKS_URL, IDENTITY_ISSUER
+                      defaults for --identity-jwks-url, --identity-issuer (the proxy's server issuer);
+                      the audience is this server's own URL (the proxy's mcp_url)
     REQUIRE_BEARER    "1": requests to /mcp without `Authorization: Bearer ...` get 401;
                       "userinfo": in addition the token must be accepted by USERINFO_URL (every request
                       is checked, so an expired or revoked upstream token is refused like a real
@@ -37,10 +42,12 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx
+import jwt
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -49,6 +56,29 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 MCP_PATH = "/mcp"
 TOOL_CALLS: list[str] = []  # names of the recorded tools called on this process's servers
+
+
+# -- what an internal server needs to trust X-Identity-Assertion (the README shows the same lines) --------
+
+_jwk_clients: dict[str, jwt.PyJWKClient] = {}
+
+
+def verify_identity_assertion(assertion: str, *, jwks_url: str, audience: str, issuer: str) -> dict:
+    """The claims of a proxy identity assertion, or ``jwt.InvalidTokenError``: signed by a key of the
+    server's JWKS (fetched once, refetched on an unknown kid), for this audience and issuer, unexpired."""
+    client = _jwk_clients.setdefault(jwks_url, jwt.PyJWKClient(jwks_url))
+    key = client.get_signing_key_from_jwt(assertion)
+    return jwt.decode(
+        assertion, key.key, algorithms=["ES256", "EdDSA"], audience=audience, issuer=issuer,
+        options={"require": ["iss", "aud", "sub", "exp", "iat", "jti"]},
+    )
+
+
+@dataclass(frozen=True)
+class IdentityCheck:
+    jwks_url: str
+    issuer: str
+    audience: str
 
 
 def _incoming_headers(ctx: Context) -> dict[str, str]:
@@ -65,12 +95,33 @@ def _incoming_headers(ctx: Context) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
-def build_mcp(userinfo_url: str | None) -> MCPServer:
+def build_mcp(userinfo_url: str | None, identity: IdentityCheck | None = None) -> MCPServer:
     mcp = MCPServer("e2e-internal-mcp", version="1.0.0", instructions="Test server for the MCP OAuth proxy.")
+
+    async def verified_identity(ctx: Context) -> dict:
+        if identity is None:
+            raise ToolError("the server was started without --identity-jwks-url")
+        assertion = _incoming_headers(ctx).get("x-identity-assertion")
+        if not assertion:
+            raise ToolError("no X-Identity-Assertion header on the request")
+        try:
+            return await anyio.to_thread.run_sync(lambda: verify_identity_assertion(
+                assertion, jwks_url=identity.jwks_url, audience=identity.audience, issuer=identity.issuer
+            ))
+        except jwt.PyJWTError as exc:
+            raise ToolError(f"identity assertion refused: {type(exc).__name__}: {exc}")
+
+    @mcp.tool()
+    async def identity(ctx: Context) -> dict:
+        """Return the verified claims of the request's X-Identity-Assertion."""
+        return await verified_identity(ctx)
 
     @mcp.tool()
     async def whoami(ctx: Context) -> str:
-        """Return the upstream subject of the bearer token this request carried."""
+        """Return the upstream subject of the bearer token this request carried (or, with identity
+        assertions configured, the verified assertion's subject)."""
+        if identity is not None:
+            return (await verified_identity(ctx))["sub"]
         if not userinfo_url:
             raise ToolError("the server was started without a userinfo URL")
         authorization = _incoming_headers(ctx).get("authorization")
@@ -211,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     parser.add_argument("--userinfo-url", default=os.environ.get("USERINFO_URL"))
+    parser.add_argument("--identity-jwks-url", default=os.environ.get("IDENTITY_JWKS_URL"))
+    parser.add_argument("--identity-issuer", default=os.environ.get("IDENTITY_ISSUER"))
     parser.add_argument("--stateless", action="store_true", help="stateless streamable HTTP (no Mcp-Session-Id)")
     parser.add_argument("--json-response", action="store_true", help="answer POSTs with JSON instead of SSE")
     parser.add_argument(
@@ -235,7 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     port = sock.getsockname()[1]
     host_for_url = f"[{args.host}]" if ":" in args.host else args.host
 
-    mcp = build_mcp(args.userinfo_url)
+    ready = {"ready": True, "url": f"http://{host_for_url}:{port}{MCP_PATH}", "port": port}
+    identity = (
+        IdentityCheck(jwks_url=args.identity_jwks_url, issuer=args.identity_issuer or "", audience=ready["url"])
+        if args.identity_jwks_url else None
+    )
+    mcp = build_mcp(args.userinfo_url, identity)
     app = mcp.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=args.stateless,
@@ -254,7 +312,6 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    ready = {"ready": True, "url": f"http://{host_for_url}:{port}{MCP_PATH}", "port": port}
     _ReadyServer(config, ready).run(sockets=[sock])
 
 

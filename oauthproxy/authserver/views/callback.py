@@ -6,12 +6,13 @@ browser key of the admin's own MCP logins.
 """
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from oauthproxy.authserver.authorization import AccessRefused, authorization_complete, callback_pending_read
+from oauthproxy.authserver.connections import ConnectionsSignedIn, connections_signin_complete
 from oauthproxy.authserver.views.authorize import (
     ERROR_PAGE_CSP,
     ClientRedirect,
@@ -20,6 +21,7 @@ from oauthproxy.authserver.views.authorize import (
     not_found_page,
     page_headers,
 )
+from oauthproxy.authserver.views.connections import SIGNIN_COOKIE, connections_cookie_add
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.core.settings import proxy_settings
@@ -52,7 +54,10 @@ def callback(request: HttpRequest, slug: str) -> HttpResponse:
     params = dict(request.GET.lists())
     try:
         state, pending = callback_pending_read(server=server, params=params)
-        if pending is not None and pending.tester_id is not None:  # an admin's "Try it" test
+        if pending is not None and pending.for_connections:  # a My connections sign-in
+            url = connections_signin_complete(server=server, state=state, params=params,
+                                              browser_key=request.COOKIES.get(SIGNIN_COOKIE))
+        elif pending is not None and pending.tester_id is not None:  # an admin's "Try it" test
             url = try_it_complete(server=server, state=state, params=params,
                                   browser_key=request.COOKIES.get(TRY_IT_COOKIE), user=getattr(request, "user", None))
         else:
@@ -63,6 +68,10 @@ def callback(request: HttpRequest, slug: str) -> HttpResponse:
         return error_page(request, error=exc, server=server)
     except AccessRefused as refused:
         return access_denied_page(request, refused)
+    if isinstance(url, ConnectionsSignedIn):  # a My connections sign-in: back to that page, signed in
+        response = HttpResponseRedirect(url.url)
+        connections_cookie_add(response, request, signed_in=url)
+        return response
     return ClientRedirect(url)
 
 

@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 
 from oauthproxy.authserver.client_auth import ALGORITHMS, PRIVATE_KEY_JWT
 from oauthproxy.core.exceptions import OAuthError
+from oauthproxy.core.identity import identity_jwks
 from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.models import McpServer
 from oauthproxy.models.servers import SLUG_RE
@@ -101,6 +102,16 @@ class OpenIdConfigurationNotServed(ServerNotFound):
                          "/.well-known/oauth-authorization-server/oauth/<slug> (RFC 8414).")
 
 
+class IdentityJwksApi(OpenProtocolApi):
+    """``/oauth/<slug>/jwks.json``: the public keys of the server's identity assertions (RFC 7517)."""
+
+    def get(self, request, slug: str):
+        response = JsonResponse(identity_jwks(server=self.server_get(slug)))
+        # Short: verifiers refetch on an unknown kid anyway; a rotation's new key is seen within this.
+        response["Cache-Control"] = "public, max-age=60"
+        return response
+
+
 class ProtectedResourceMetadataApi(OpenProtocolApi):
     """RFC 9728 at ``/.well-known/oauth-protected-resource/mcp/<slug>``."""
 
@@ -132,6 +143,8 @@ def authorization_server_metadata(*, server: McpServer) -> dict:
         "authorization_response_iss_parameter_supported": True,
         # RFC 9728 §4: the resources this authorization server issues tokens for.
         "protected_resources": [server.resource_url],
+        # The keys of the X-Identity-Assertion JWTs the gateway sends the internal server.
+        **({"jwks_uri": server.jwks_url} if server.identity_assertion else {}),
     }
 
 
