@@ -95,7 +95,7 @@ def test_the_page_lists_only_the_signed_in_users_own_connections(server):
 def test_a_tampered_cookie_signs_nobody_in(server):
     connect(server, subject="alice", name="Alice's Claude")
     browser = HttpClient()
-    browser.cookies[CONNECTIONS_COOKIE] = '{"%s": ["alice", 9999999999]}' % server.pk
+    browser.cookies[CONNECTIONS_COOKIE] = f'{{"{server.pk}": ["alice", 9999999999]}}'
     assert "Alice&#x27;s Claude" not in page(browser)
 
 
