@@ -123,9 +123,13 @@ def make_stack() -> Iterator[Any]:
             proxy_env: Mapping[str, str] | None = None,
             mcp_env: Mapping[str, str] | None = None,
             slug: str = SLUG,
+            verify_identity: bool = False,
         ) -> Stack:
             listener = proxy_helpers.listen_loopback()  # the proxy's port, known before the IdP starts
             base_url = proxy_helpers.socket_url(listener)
+            if verify_identity:  # the internal server checks X-Identity-Assertion against the proxy's keys
+                mcp_env = {"IDENTITY_JWKS_URL": f"{base_url}/oauth/{slug}/jwks.json",
+                           "IDENTITY_ISSUER": f"{base_url}/oauth/{slug}", **(mcp_env or {})}
             try:
                 idp = cleanup.enter_context(
                     harness.start_upstream(

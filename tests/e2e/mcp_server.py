@@ -111,8 +111,8 @@ def build_mcp(userinfo_url: str | None, identity: IdentityCheck | None = None) -
         except jwt.PyJWTError as exc:
             raise ToolError(f"identity assertion refused: {type(exc).__name__}: {exc}")
 
-    @mcp.tool()
-    async def identity(ctx: Context) -> dict:
+    @mcp.tool(name="identity")
+    async def identity_claims(ctx: Context) -> dict:
         """Return the verified claims of the request's X-Identity-Assertion."""
         return await verified_identity(ctx)
 
