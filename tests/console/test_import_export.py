@@ -180,3 +180,21 @@ def test_imports_are_audited_without_secrets(json_file):
     assert sorted(e.detail["slug"] for e in events) == ["crm", "wiki"]
     assert all(e.message.startswith("import: ") for e in events)
     assert "s3cret-crm" not in repr(list(events.values()))
+
+
+@pytest.mark.django_db
+def test_identity_fields_round_trip_and_are_validated(json_file, tmp_path):
+    docs = json.loads(json_file.read_text())
+    docs[0].update(identity_assertion=True, forward_upstream_token=False)
+    path = tmp_path / "identity.json"
+    path.write_text(json.dumps(docs))
+    run("import_servers", str(path))
+    server = McpServer.objects.get(slug="crm")
+    assert server.identity_assertion is True and server.forward_upstream_token is False
+    exported = {doc["slug"]: doc for doc in json.loads(run("export_servers"))}
+    assert (exported["crm"]["identity_assertion"], exported["crm"]["forward_upstream_token"]) == (True, False)
+    assert (exported["wiki"]["identity_assertion"], exported["wiki"]["forward_upstream_token"]) == (False, True)
+    docs[0]["identity_assertion"] = "maybe"
+    path.write_text(json.dumps(docs))
+    with pytest.raises(CommandError, match="identity_assertion"):
+        run("import_servers", str(path))
