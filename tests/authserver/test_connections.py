@@ -7,8 +7,8 @@ import responses
 from django.core.cache import cache
 from django.test import Client as HttpClient
 
-from oauthproxy.authserver.authorization import checksum
 from oauthproxy.authserver.views.connections import CONNECTIONS_COOKIE, SIGNIN_COOKIE
+from oauthproxy.core.crypto import token_checksum as checksum
 from oauthproxy.models import AccessToken, AuditEvent, Consent, PendingAuthorization, UpstreamSession
 from tests.conftest import UPSTREAM, make_server
 from tests.factories import redeem_code
