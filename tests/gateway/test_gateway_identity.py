@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from oauthproxy.core import metrics
 from oauthproxy.core.identity import identity_key_rotate
+from oauthproxy.gateway.auth import gateway_auth_caches_clear
 from oauthproxy.gateway.forwarding import gateway_caches_clear
 from oauthproxy.models import IdentityKey
 from tests.conftest import make_server
@@ -109,6 +110,18 @@ def test_assertions_are_cached_per_grant_no_signature_and_no_query_per_request(
     assert count_queries.count == before_queries  # no database query
     assertions = {h["x-identity-assertion"] for h in internal.headers}
     assert len(assertions) == 1  # the same assertion (same jti) reused
+
+
+def test_claims_updated_at_an_upstream_refresh_reach_the_next_assertion(identity, proxy, internal):
+    """The refresh re-reads the claims into the session (grants/sessions.py); once the gateway re-reads the
+    token (GATEWAY_CACHE_SECONDS) a cached assertion with the old claims is not reused."""
+    post(proxy, identity)
+    identity.session.claims = json.dumps({**CLAIMS, "groups": ["eng"], "name": "Alice Renamed"})
+    identity.session.save()
+    gateway_auth_caches_clear()  # the token cache expired; the assertion cache did not
+    post(proxy, identity)
+    claims = verify(proxy, internal.last_headers["x-identity-assertion"], identity.server)
+    assert (claims["name"], claims["groups"]) == ("Alice Renamed", ["eng"])
 
 
 def test_a_cached_assertion_is_replaced_before_it_expires(identity, proxy, internal, settings):
