@@ -2,6 +2,9 @@
 clients they approved there, and disconnects one (tokens revoked, consent forgotten, upstream token
 revoked unless another of their clients still uses it). The upstream is mocked at the HTTP boundary."""
 
+import secrets
+
+import jwt
 import pytest
 import responses
 from django.core.cache import cache
@@ -10,6 +13,7 @@ from django.test import Client as HttpClient
 from oauthproxy.authserver.views.connections import CONNECTIONS_COOKIE, SIGNIN_COOKIE
 from oauthproxy.core.crypto import token_checksum as checksum
 from oauthproxy.models import AccessToken, AuditEvent, Consent, PendingAuthorization, UpstreamSession
+from oauthproxy.upstream.client import upstream_nonce
 from tests.conftest import UPSTREAM, make_server
 from tests.factories import redeem_code
 from tests.flows.helpers import authorization_flow, make_client, query_of, upstream_token_response
@@ -41,14 +45,14 @@ def connect(server, *, subject: str, name: str, remember: bool = True):
     return client, response.json()
 
 
-def sign_in(browser: HttpClient, server, *, subject: str):
+def sign_in(browser: HttpClient, server, *, subject: str, tokens: dict | None = None):
     """Sign in to My connections through `server`'s upstream; answer the upstream calls made."""
     response = browser.post("/connections/", {"action": "signin", "server": server.slug})
     assert response.status_code == 302, response.content.decode()[:500]
     params = query_of(response["Location"])
     assert response["Location"].startswith(server.authorization_endpoint)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
-        upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response())
+        upstream.add(responses.POST, server.token_endpoint, json=tokens or upstream_token_response())
         upstream.add(responses.GET, server.userinfo_endpoint, json={"sub": subject})
         upstream.add(responses.POST, server.revocation_endpoint, status=200)
         back = browser.get(f"/oauth/{server.slug}/callback", {"state": params["state"], "code": "c-1"})
@@ -154,3 +158,24 @@ def test_the_consent_page_links_to_my_connections(server):
     browser = HttpClient()
     consent_url = start_authorization(browser, server, client)
     assert 'href="/connections/"' in browser.get(consent_url).content.decode()
+
+
+@pytest.mark.parametrize("nonce", ["login", "another-login"], ids=["this-login", "another-login"])
+def test_a_sign_in_id_token_must_carry_this_logins_nonce(server, nonce):
+    """As for a client's login (issue 13): an ID token replayed from another login signs nobody in."""
+    connect(server, subject="alice", name="Alice's Claude")
+    browser = HttpClient()
+    response = browser.post("/connections/", {"action": "signin", "server": server.slug})
+    state = query_of(response["Location"])["state"]
+    claims = {"sub": "alice", "aud": server.client_id, "iat": 1, "exp": 4_000_000_000,
+              "nonce": upstream_nonce(state) if nonce == "login" else nonce}
+    id_token = jwt.encode(claims, secrets.token_hex(32), algorithm="HS256")  # no issuer set: signature unchecked
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
+        upstream.add(responses.POST, server.token_endpoint, json=upstream_token_response(id_token=id_token))
+        upstream.add(responses.POST, server.revocation_endpoint, status=200)
+        back = browser.get(f"/oauth/{server.slug}/callback", {"state": state, "code": "c-1"})
+    if nonce == "login":
+        assert back.status_code == 302 and "Alice&#x27;s Claude" in page(browser)
+    else:
+        assert back.status_code == 400 and CONNECTIONS_COOKIE not in browser.cookies
+        assert "Alice&#x27;s Claude" not in page(browser)
