@@ -36,6 +36,7 @@ router.register("discovery", management.DiscoveryViewSet, basename="api-discover
 router.register("clients", management.ClientViewSet, basename="api-client")
 router.register("sessions", management.SessionViewSet, basename="api-session")
 router.register("audit-events", management.AuditEventViewSet, basename="api-audit-event")
+router.register("destination-rules", management.DestinationRuleViewSet, basename="api-destination-rule")
 router.register("tokens", management.TokenViewSet, basename="api-token")
 
 

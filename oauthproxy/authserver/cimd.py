@@ -10,14 +10,16 @@ clamped by DOT's ``CIMD_METADATA_MIN/MAX_AGE_SECONDS``) has passed. A failed ref
 document; a failure is remembered for ``CIMD_FAILURE_BACKOFF_SECONDS`` so a bad URL is not refetched on
 every request, and at most ``CIMD_MAX_CONCURRENT_FETCHES`` fetches run at once per process.
 
-The fetch (DESIGN §5.10) is bounded in time (``CIMD_FETCH_TIMEOUT_SECONDS`` for the whole body) and size
-(``CIMD_MAX_DOCUMENT_SIZE``), follows no redirects, ignores proxy environment variables, and connects only
-to public addresses: the host is resolved when the connection is opened, *every* address is checked with
-DOT's ``_ip_is_public`` (private, loopback, link-local/cloud metadata, NAT64/6to4/Teredo-embedded...), and
-the socket is connected to the address that was checked, while TLS still verifies the real host name. As
-the check and the connect use one resolution, DNS rebinding between them is not possible. Only with
-``proxy_settings.CIMD_ALLOW_PRIVATE_ADDRESSES`` (tests, local development) are http URLs and private
-addresses allowed.
+The fetch (DESIGN §5.10) is django-oauth-toolkit's swappable fetcher (``CIMD_METADATA_FETCHER``),
+subclassed as ``ProxyMetadataFetcher`` onto the proxy's one outbound path (``core.http.outbound_fetch``):
+bounded in time (``CIMD_FETCH_TIMEOUT_SECONDS`` for the whole exchange, enforced on the socket, so a server
+sending one byte a second is cut at the deadline) and size (``CIMD_MAX_DOCUMENT_SIZE``), following no
+redirects, ignoring proxy environment variables, and connecting only to public addresses: the host is
+resolved when the connection is opened, *every* address is checked (private, loopback, link-local/cloud
+metadata, IPv4 embedded in IPv6...), and the socket is connected to the address that was checked, while TLS
+still verifies the real host name. As the check and the connect use one resolution, DNS rebinding between
+them is not possible. Only with ``proxy_settings.CIMD_ALLOW_PRIVATE_ADDRESSES`` (tests, local development)
+are http URLs and private addresses allowed.
 
 Client rows are read through a per-process cache (``caching.clients``: by server and ``client_id``, for
 ``proxy_settings.CLIENT_CACHE_SECONDS``, 5 s by default), as every authorize and token request looks its
@@ -37,32 +39,22 @@ client up. What that means:
   leaks into another request.
 """
 
+import contextlib
+import hashlib
 import json
 import logging
-import time
+import re
+import threading
 from dataclasses import replace
 from datetime import timedelta
 from functools import cache as memoize
 from urllib.parse import urlsplit
 
-import requests
 from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
-from oauth2_provider.cimd import (
-    CIMDError,
-    _backoff_cache_key,
-    _effective_max_age,
-    _fetch_slot,
-    _resolve_and_validate,
-    _validate_client_id_url,
-)
+from oauth2_provider.cimd import CIMDError, SafeMetadataFetcher
 from oauth2_provider.settings import oauth2_settings
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError
-from urllib3.util.connection import create_connection
 
 from oauthproxy.authserver.client_auth import PRIVATE_KEY_JWT, client_auth_methods_choose
 from oauthproxy.authserver.known_clients import client_admitted
@@ -75,6 +67,15 @@ from oauthproxy.authserver.registration import (
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.caching import client_cache_key, clients
 from oauthproxy.core.exceptions import InvalidClient, InvalidClientMetadata, InvalidRedirectUri, InvalidRequest
+from oauthproxy.core.http import (
+    PUBLIC_ONLY,
+    UNRESTRICTED,
+    DestinationRefused,
+    OutboundError,
+    OutboundTimeout,
+    ResponseTooLarge,
+    outbound_fetch,
+)
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.db.sql import rows_read, select_list
 from oauthproxy.models import AuditEvent, Client, McpServer
@@ -83,7 +84,7 @@ logger = logging.getLogger(__name__)
 
 MAX_CLIENT_ID_LENGTH = 255
 USER_AGENT = "mcp-oauth-proxy (client metadata fetcher)"
-READ_CHUNK_BYTES = 4096
+_MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)", re.IGNORECASE)
 
 
 class ClientMetadataDocumentError(InvalidClient):
@@ -176,14 +177,17 @@ def _document_is_current(client: Client | None, client_id: str) -> bool:
 
 def _document_load(*, server: McpServer, url: str) -> tuple[ClientMetadata, int]:
     """Fetch and validate the document at *url*; remember failures for the backoff period."""
-    backoff_key = _backoff_cache_key(url)
+    backoff_key = "oauthproxy:cimd:backoff:" + hashlib.sha256(url.encode()).hexdigest()
     if reason := cache.get(backoff_key):
         raise ClientMetadataDocumentError(reason)
     with _fetch_slot() as acquired:
         if not acquired:
             raise ClientMetadataDocumentError("Too many client metadata documents are being fetched; retry shortly.")
         try:
-            document, max_age = _document_fetch(url)
+            try:
+                document, max_age = oauth2_settings.CIMD_METADATA_FETCHER().fetch(url)
+            except CIMDError as exc:
+                raise ClientMetadataDocumentError(str(exc))
             return _document_validate(server=server, url=url, document=document), max_age
         except (InvalidClientMetadata, InvalidRedirectUri) as exc:
             error = ClientMetadataDocumentError(f"The client metadata document is invalid: {exc.description}")
@@ -273,70 +277,114 @@ def _client_upsert(
     return client
 
 
-def _document_fetch(url: str) -> tuple[dict, int]:
-    """GET the document: ``(json_object, cache_seconds)``, or ClientMetadataDocumentError."""
+class ProxyMetadataFetcher(SafeMetadataFetcher):
+    """django-oauth-toolkit's swappable CIMD fetcher (``CIMD_METADATA_FETCHER``), through the proxy's one
+    outbound HTTP path (``core.http.outbound_fetch``): public addresses only, checked against the address
+    connected to; a total deadline of ``CIMD_FETCH_TIMEOUT_SECONDS`` enforced on the socket (a server
+    sending one byte a second is cut at the deadline); at most ``CIMD_MAX_DOCUMENT_SIZE`` bytes; no
+    redirects. Its errors (``CIMDError``) say why in words for the client's developer."""
+
+    def fetch(self, client_id: str) -> tuple[dict, int]:
+        _url_check(client_id)
+        max_size = oauth2_settings.CIMD_MAX_DOCUMENT_SIZE
+        try:
+            response = outbound_fetch(
+                "GET", client_id,
+                policy=UNRESTRICTED if _allow_private() else PUBLIC_ONLY,
+                timeout=oauth2_settings.CIMD_FETCH_TIMEOUT_SECONDS,
+                max_bytes=max_size,
+                headers={"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
+                decode_content=False,
+            )
+        except DestinationRefused as exc:
+            raise CIMDError(f"The client metadata document cannot be fetched: {exc.reason}.")
+        except OutboundTimeout:
+            raise CIMDError("Fetching the client metadata document timed out.")
+        except ResponseTooLarge:
+            raise CIMDError(f"The client metadata document is larger than {max_size} bytes.")
+        except OutboundError as exc:
+            raise CIMDError(f"The client metadata document could not be fetched ({exc.reason}).")
+        if 300 <= response.status < 400:
+            raise CIMDError(
+                f"Fetching the client metadata document returned a redirect (HTTP {response.status}); "
+                "redirects are not followed."
+            )
+        if response.status != 200:
+            raise CIMDError(f"Fetching the client metadata document returned HTTP {response.status}.")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type != "application/json" and not (
+            media_type.startswith("application/") and media_type.endswith("+json")
+        ):
+            raise CIMDError("The client metadata document is not served as application/json.")
+        try:
+            document = json.loads(response.body.decode("utf-8"))
+        except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
+            raise CIMDError("The client metadata document is not valid JSON.")
+        if not isinstance(document, dict):
+            raise CIMDError("The client metadata document must be a JSON object.")
+        return document, _max_age(response.headers.get("Cache-Control"))
+
+
+def _max_age(cache_control: str | None) -> int:
+    """The document's cache lifetime: ``max-age`` (``no-store``/``no-cache``: the minimum; none: the
+    maximum), clamped to DOT's ``CIMD_METADATA_MIN/MAX_AGE_SECONDS``."""
+    floor = oauth2_settings.CIMD_METADATA_MIN_AGE_SECONDS
+    ceiling = oauth2_settings.CIMD_METADATA_MAX_AGE_SECONDS
+    age = ceiling
+    if cache_control:
+        if "no-store" in cache_control.lower() or "no-cache" in cache_control.lower():
+            age = floor
+        elif match := _MAX_AGE.search(cache_control):
+            age = int(match.group(1))
+    return max(floor, min(age, ceiling))
+
+
+_fetches_lock = threading.Lock()
+_fetches: tuple[int, threading.BoundedSemaphore] | None = None
+
+
+@contextlib.contextmanager
+def _fetch_slot():
+    """One of ``CIMD_MAX_CONCURRENT_FETCHES`` fetch slots of this process, without waiting: yields False
+    when all are taken (0 or None: no cap)."""
+    global _fetches
+    size = oauth2_settings.CIMD_MAX_CONCURRENT_FETCHES
+    if not size:
+        yield True
+        return
+    with _fetches_lock:
+        if _fetches is None or _fetches[0] != size:
+            _fetches = (size, threading.BoundedSemaphore(size))
+        slots = _fetches[1]
+    acquired = slots.acquire(blocking=False)
     try:
-        _url_check(url)
-    except CIMDError as exc:
-        raise ClientMetadataDocumentError(f"The client_id URL is not acceptable: {exc}.")
-    timeout = oauth2_settings.CIMD_FETCH_TIMEOUT_SECONDS
-    max_size = oauth2_settings.CIMD_MAX_DOCUMENT_SIZE
-    deadline = time.monotonic() + timeout
-    try:
-        with _session.get(
-            url,
-            headers={"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
-            timeout=(timeout, timeout),
-            allow_redirects=False,
-            stream=True,
-        ) as response:
-            if 300 <= response.status_code < 400:
-                raise ClientMetadataDocumentError(
-                    f"Fetching the client metadata document returned a redirect (HTTP {response.status_code}); "
-                    "redirects are not followed."
-                )
-            if response.status_code != 200:
-                raise ClientMetadataDocumentError(
-                    f"Fetching the client metadata document returned HTTP {response.status_code}."
-                )
-            media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if media_type != "application/json" and not (
-                media_type.startswith("application/") and media_type.endswith("+json")
-            ):
-                raise ClientMetadataDocumentError("The client metadata document is not served as application/json.")
-            body = bytearray()
-            for chunk in response.raw.stream(READ_CHUNK_BYTES, decode_content=False):
-                body += chunk
-                if len(body) > max_size:
-                    raise ClientMetadataDocumentError(
-                        f"The client metadata document is larger than {max_size} bytes."
-                    )
-                if time.monotonic() > deadline:
-                    raise ClientMetadataDocumentError("Fetching the client metadata document took too long.")
-            cache_control = response.headers.get("Cache-Control")
-    except CIMDError as exc:  # raised while connecting: the host resolves to a non-public address
-        raise ClientMetadataDocumentError(f"The client metadata document cannot be fetched: {exc}.")
-    except requests.Timeout:
-        raise ClientMetadataDocumentError("Fetching the client metadata document timed out.")
-    except requests.RequestException as exc:
-        raise ClientMetadataDocumentError(
-            f"The client metadata document could not be fetched ({type(exc).__name__})."
-        )
-    try:
-        document = json.loads(bytes(body).decode("utf-8"))
-    except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
-        raise ClientMetadataDocumentError("The client metadata document is not valid JSON.")
-    if not isinstance(document, dict):
-        raise ClientMetadataDocumentError("The client metadata document must be a JSON object.")
-    return document, _effective_max_age(cache_control)
+        yield acquired
+    finally:
+        if acquired:
+            slots.release()
 
 
 def _url_check(url: str) -> None:
-    """DOT's client_id URL rules (https, host, path, no userinfo/fragment/dot segments); http allowed only
-    together with private addresses."""
-    if _allow_private() and url[:7].lower() == "http://":
-        url = "https://" + url[7:]
-    _validate_client_id_url(url)
+    """The client_id URL rules of the draft (§3): https, a host, a valid port, a path; no userinfo, no
+    fragment, no dot segments. http is accepted only together with private addresses (tests)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        raise CIMDError("The client_id URL is not acceptable: it has an invalid port.")
+    scheme_ok = parts.scheme == "https" or (parts.scheme == "http" and _allow_private())
+    problem = (
+        "it must use the https scheme" if not scheme_ok
+        else "it must contain a host" if not parts.hostname
+        else "it has an invalid port" if not port_ok
+        else "it must not contain a userinfo component" if parts.username or parts.password
+        else "it must not contain a fragment component" if parts.fragment
+        else "it must contain a path component" if not parts.path
+        else "it must not contain dot path segments" if any(seg in (".", "..") for seg in parts.path.split("/"))
+        else ""
+    )
+    if problem:
+        raise CIMDError(f"The client_id URL is not acceptable: {problem}.")
 
 
 def _allow_private() -> bool:
@@ -349,66 +397,3 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-# The outbound HTTP seam: one Session, whose connections resolve, check and connect in one step.
-
-
-class _PublicAddressConnectionMixin:
-    """Connect only to public addresses: resolve the host, refuse it if *any* address is not public
-    (DOT's ``_resolve_and_validate``), then connect the socket to a checked address. ``host`` is unchanged,
-    so SNI, certificate verification and the Host header use the real name."""
-
-    def _new_conn(self):
-        if _allow_private():
-            return super()._new_conn()
-        addresses = _resolve_and_validate(self._dns_host.strip("[]"), self.port)  # raises CIMDError
-        error: OSError | None = None
-        for address in addresses[:2]:
-            try:
-                return create_connection(
-                    (address, self.port),
-                    self.timeout,
-                    source_address=self.source_address,
-                    socket_options=self.socket_options,
-                )
-            except OSError as exc:
-                error = exc
-        raise NewConnectionError(self, f"connection failed: {error}")
-
-
-class _PublicHTTPConnection(_PublicAddressConnectionMixin, HTTPConnection):
-    pass
-
-
-class _PublicHTTPSConnection(_PublicAddressConnectionMixin, HTTPSConnection):
-    pass
-
-
-class _PublicHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = _PublicHTTPConnection
-
-
-class _PublicHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = _PublicHTTPSConnection
-
-
-class _PublicAddressAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _PublicHTTPConnectionPool,
-            "https": _PublicHTTPSConnectionPool,
-        }
-
-
-def _session_build() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no HTTP(S)_PROXY or .netrc: the address check must see the real target
-    adapter = _PublicAddressAdapter(max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
-_session = _session_build()

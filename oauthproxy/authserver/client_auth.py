@@ -28,6 +28,8 @@ import time
 
 import jwt
 from django.core.cache import cache
+from oauth2_provider.cimd import CIMDError
+from oauth2_provider.settings import oauth2_settings
 
 from oauthproxy.core.exceptions import InvalidClient, InvalidRequest
 from oauthproxy.models import Client, McpServer
@@ -190,14 +192,12 @@ def _jwks_get(url: str, *, refresh: bool = False) -> dict:
 
 
 def jwks_fetch(url: str) -> tuple[dict, int]:
-    """GET a JWK Set under the metadata-document fetch rules: ``(json_object, cache_seconds)``. The one
-    outbound seam of this module (tests replace the network with ``responses``)."""
-    from oauthproxy.authserver.cimd import _document_fetch  # the guarded fetch of metadata documents
-
+    """GET a JWK Set under the metadata-document fetch rules (the configured ``CIMD_METADATA_FETCHER``: public
+    addresses only, a total deadline, a size cap, no redirects): ``(json_object, cache_seconds)``."""
     try:
-        return _document_fetch(url)
-    except InvalidClient as exc:
-        raise InvalidClient(f"The client's jwks_uri could not be used: {exc.description}")
+        return oauth2_settings.CIMD_METADATA_FETCHER().fetch(url)
+    except CIMDError as exc:
+        raise InvalidClient(f"The client's jwks_uri could not be used: {exc}")
 
 
 def _jti_spend(*, server: McpServer, client: Client, jti: str, expires: float, now: float) -> None:

@@ -37,8 +37,9 @@ from oauthproxy.console.forms import (
     pretty_json,
 )
 from oauthproxy.console.management.commands.team_create import team_permissions
-from oauthproxy.console.servers import server_delete, server_save
+from oauthproxy.console.servers import destination_rule_audit, server_delete, server_save
 from oauthproxy.core.audit import audit_record
+from oauthproxy.core.destinations import server_destination_policy, user_destination_policy
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage, quota_usage_many
@@ -49,6 +50,7 @@ from oauthproxy.models import (
     ApiToken,
     AuditEvent,
     Client,
+    DestinationRule,
     Grant,
     IDToken,
     McpServer,
@@ -310,6 +312,7 @@ class McpServerAdmin(TeamScopedAdmin):
 
     def get_form(self, request, obj=None, **kwargs):
         form = super().get_form(request, obj, **kwargs)
+        form = type(form.__name__, (form,), {"actor": request.user})  # the change rules depend on who saves
         if not request.user.is_superuser and "team" in form.base_fields:
             form.base_fields["team"].required = True
             form.base_fields["team"].empty_label = None
@@ -365,7 +368,9 @@ class McpServerAdmin(TeamScopedAdmin):
         result, chosen = None, []
         if request.method == "POST" and form.is_valid():
             try:
-                result = upstream_discover(issuer=form.cleaned_data["issuer"])
+                policy = (server_destination_policy(server=server) if server is not None
+                          else user_destination_policy(user=request.user))
+                result = upstream_discover(issuer=form.cleaned_data["issuer"], policy=policy)
             except DiscoveryError as exc:
                 form.add_error("issuer", exc.reason)
         if result is not None and request.POST.get("apply"):
@@ -909,3 +914,28 @@ class ApiTokenAdmin(admin.ModelAdmin):
         })
         response["Cache-Control"] = "no-store"
         return response
+
+
+@admin.register(DestinationRule)
+class DestinationRuleAdmin(admin.ModelAdmin):
+    """The outbound destination policy (DESIGN §5.13): platform admins (superusers) only."""
+
+    list_display = ("pattern", "team", "note", "created")
+    list_filter = ("team",)
+    search_fields = ("pattern", "note")
+
+    def has_module_permission(self, request):
+        return request.user.is_active and request.user.is_superuser
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_active and request.user.is_superuser
+
+    has_add_permission = has_change_permission = has_delete_permission = has_view_permission
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        destination_rule_audit(rule=obj, actor=request.user, action="changed" if change else "created")
+
+    def delete_model(self, request, obj):
+        destination_rule_audit(rule=obj, actor=request.user, action="deleted")
+        super().delete_model(request, obj)

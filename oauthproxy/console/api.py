@@ -8,6 +8,7 @@ result. Staff who are not superusers see their own teams' objects only: queryset
 
 from datetime import UTC, timedelta
 
+from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from django.db.models import Count, Q
@@ -16,7 +17,7 @@ from django_filters.fields import IsoDateTimeField
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_view
 from knox.models import AuthToken
-from rest_framework import permissions, serializers, status, viewsets
+from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
@@ -29,13 +30,15 @@ from oauthproxy.authserver.known_clients import client_known
 from oauthproxy.authserver.registration import client_preregister
 from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.console.documents import DOCUMENT_FIELDS, ServerDocumentSerializer
-from oauthproxy.console.servers import server_delete, server_save
+from oauthproxy.console.servers import destination_rule_audit, server_delete, server_save
+from oauthproxy.core.destinations import server_destination_policy, user_destination_policy
 from oauthproxy.core.exceptions import OAuthError
+from oauthproxy.core.http import DestinationPattern
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage_many
 from oauthproxy.grants.revocation import sessions_revoke
 from oauthproxy.grants.sessions import upstream_session_revoke
-from oauthproxy.models import AuditEvent, Client, McpServer, UpstreamSession
+from oauthproxy.models import AuditEvent, Client, DestinationRule, McpServer, UpstreamSession
 from oauthproxy.upstream.check import server_connection_check
 from oauthproxy.upstream.discovery import (
     DiscoveryError,
@@ -267,9 +270,9 @@ class ReasonInput(serializers.Serializer):
     reason = serializers.CharField(max_length=200, required=False, allow_blank=True)
 
 
-def _discover(issuer: str):
+def _discover(issuer: str, *, policy):
     try:
-        return upstream_discover(issuer=issuer)
+        return upstream_discover(issuer=issuer, policy=policy)
     except DiscoveryError as exc:
         raise ApiValidationError({"issuer": [exc.reason]})
 
@@ -347,7 +350,7 @@ class ServerViewSet(ManagementViewSet):
         issuer = params.validated_data.get("issuer") or server.issuer
         if not issuer:
             raise ApiValidationError({"issuer": ["The server has no issuer; give one."]})
-        result = _discover(issuer)
+        result = _discover(issuer, policy=server_destination_policy(server=server))
         applied: list[str] = []
         if params.validated_data["apply"]:
             try:
@@ -396,7 +399,8 @@ class DiscoveryViewSet(ManagementViewSet):
     def create(self, request):
         params = DiscoveryInput(data=request.data)
         params.is_valid(raise_exception=True)
-        return Response(DiscoveryOutput(_discover(params.validated_data["issuer"])).data)
+        policy = user_destination_policy(user=request.user)
+        return Response(DiscoveryOutput(_discover(params.validated_data["issuer"], policy=policy)).data)
 
 
 # -- clients ---------------------------------------------------------------------------------------
@@ -723,6 +727,62 @@ class AuditEventViewSet(ManagementViewSet):
 
     def retrieve(self, request, pk=None):
         return Response(self.get_serializer(self.get_object()).data)
+
+
+# -- outbound destination rules (platform admins) -----------------------------------------------
+
+class PlatformAdminOnly(permissions.BasePermission):
+    """Superusers only: the destination policy is the platform's, not the teams'."""
+
+    message = "Only platform admins (superusers) manage destination rules."
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated and user.is_active and user.is_superuser)
+
+
+class DestinationRuleDocument(serializers.ModelSerializer):
+    team = serializers.SlugRelatedField(slug_field="name", queryset=Group.objects.all(), required=False,
+                                        allow_null=True, help_text="The team's name; null: every team.")
+
+    class Meta:
+        model = DestinationRule
+        fields = ("id", "team", "pattern", "note", "created")
+        read_only_fields = ("id", "created")
+
+    def validate_pattern(self, value: str) -> str:
+        try:
+            return DestinationPattern.parse(value).text
+        except ValueError as exc:
+            raise ApiValidationError(str(exc))
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Outbound destination rules: where each team's servers may send requests"),
+    retrieve=extend_schema(summary="One destination rule"),
+    create=extend_schema(summary="Allow a destination for a team (or every team)"),
+    destroy=extend_schema(summary="Remove a destination rule"),
+)
+class DestinationRuleViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin, ManagementViewSet):
+    serializer_class = DestinationRuleDocument
+    permission_classes = [PlatformAdminOnly]
+    lookup_value_regex = "[^/]+"
+    ordering = ["id"]
+    queryset = DestinationRule.objects.select_related("team")
+
+    def list(self, request):
+        return self.paginated(self.get_queryset())
+
+    def retrieve(self, request, pk=None):
+        return Response(self.get_serializer(self.get_object()).data)
+
+    def perform_create(self, serializer):
+        rule = serializer.save()
+        destination_rule_audit(rule=rule, actor=self.request.user, action="created")
+
+    def perform_destroy(self, instance):
+        destination_rule_audit(rule=instance, actor=self.request.user, action="deleted")
+        instance.delete()
 
 
 # -- API tokens ------------------------------------------------------------------------------------

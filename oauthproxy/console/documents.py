@@ -4,6 +4,7 @@ from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
+from oauthproxy.console.changes import server_change_problems
 from oauthproxy.models import McpServer
 
 DOCUMENT_FIELDS = (
@@ -68,7 +69,19 @@ class ServerDocumentSerializer(serializers.ModelSerializer):
             candidate.full_clean(validate_unique=False, exclude=["team"])
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.message_dict)
+        problems = server_change_problems(
+            before=self.instance, server=candidate, actor=self._actor(), secret_entered=bool(attrs.get("client_secret"))
+        )
+        if problems:
+            raise serializers.ValidationError(problems)
         return attrs
+
+    def _actor(self):
+        """Who saves: the API's user, or import's ``actor`` (None: a management command)."""
+        if "actor" in self.context:
+            return self.context["actor"]
+        request = self.context.get("request")
+        return request.user if request is not None else None
 
 
 def _contains_nul(value) -> bool:

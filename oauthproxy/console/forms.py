@@ -5,6 +5,7 @@ import json
 from django import forms
 from django.db import models
 
+from oauthproxy.console.changes import server_change_problems
 from oauthproxy.console.documents import DOCUMENT_FIELDS
 from oauthproxy.models import McpServer
 
@@ -95,6 +96,22 @@ class McpServerForm(forms.ModelForm):
         if not new_secret and self.instance.pk:
             return self.instance.client_secret  # keep the stored one
         return new_secret
+
+    # Who saves: McpServerAdmin.get_form sets it to the request's user.
+    actor = None
+
+    def _post_clean(self):
+        super()._post_clean()  # the cleaned values are on self.instance now, and the model's clean() ran
+        if self.errors:
+            return
+        before = McpServer.objects.filter(pk=self.instance.pk).first() if self.instance.pk else None
+        problems = server_change_problems(
+            before=before, server=self.instance, actor=self.actor,
+            secret_entered=bool(str(self.data.get(self.add_prefix("client_secret"), "")).strip()),
+        )
+        for name, messages in problems.items():
+            for message in messages:
+                self.add_error(name if name in self.fields else None, message)
 
     def clean_scopes(self):
         return _check_storable(self.cleaned_data.get("scopes") or [])

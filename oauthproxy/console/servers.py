@@ -4,8 +4,10 @@ from dataclasses import dataclass, field
 
 from django.db import transaction
 
+from oauthproxy.console.changes import trusted_actor
 from oauthproxy.console.documents import DOCUMENT_FIELDS, ServerDocumentSerializer
 from oauthproxy.core.audit import audit_record
+from oauthproxy.core.http import origin_of
 from oauthproxy.grants.revocation import server_sessions_revoke
 from oauthproxy.models import AuditEvent, McpServer
 
@@ -73,7 +75,9 @@ def servers_import(*, documents: list, actor=None) -> ImportReport:
                 errors.append((index, "slug", f"Duplicate slug {slug!r} (also entry {seen[slug] + 1})."))
             seen[slug] = index
         instance = existing.get(slug) if isinstance(slug, str) else None
-        serializer = ServerDocumentSerializer(instance=instance, data=document, partial=instance is not None)
+        serializer = ServerDocumentSerializer(
+            instance=instance, data=document, partial=instance is not None, context={"actor": actor}
+        )
         if not serializer.is_valid():
             errors.extend(_flatten_errors(index, serializer.errors))
             continue
@@ -106,12 +110,20 @@ def _shown(name: str, value):
     return value
 
 
+def _trusted_origins(*, before: McpServer | None, server: McpServer, actor) -> list[str]:
+    in_use = {origin_of(url) for url in server.destination_urls.values()} - {""}
+    if trusted_actor(actor):
+        return sorted(in_use)
+    return sorted(set(before.trusted_origins if before is not None else ()) & in_use)
+
+
 def server_save(*, server: McpServer, actor, message_prefix: str = "") -> list[str]:
     """Save a validated server and audit the change (``admin.change``): who, which fields, old and new
     values, never a secret's value. Returns the names of the fields that changed ([] when none did; every
     audited field when the server is new)."""
     with transaction.atomic():
         before = McpServer.objects.filter(pk=server.pk).select_related("team").first()
+        server.trusted_origins = _trusted_origins(before=before, server=server, actor=actor)
         if before is None:
             server.save()
             audit_record(
@@ -132,6 +144,8 @@ def server_save(*, server: McpServer, actor, message_prefix: str = "") -> list[s
             else:
                 changes[name] = {"from": _shown(name, old), "to": _shown(name, new)}
         if not changes:
+            if server.trusted_origins != before.trusted_origins:
+                McpServer.objects.filter(pk=server.pk).update(trusted_origins=server.trusted_origins)
             return []
         server.save()
         described = [f"{name} changed" if name in SECRET_FIELDS else name for name in changes]
@@ -144,6 +158,17 @@ def server_save(*, server: McpServer, actor, message_prefix: str = "") -> list[s
                     "changes": changes},
         )
     return list(changes)
+
+
+def destination_rule_audit(*, rule, actor, action: str) -> None:
+    """Record a change of the outbound destination policy (a rule created, changed or deleted)."""
+    team = rule.team.name if rule.team_id else None
+    audit_record(
+        kind=AuditEvent.Kind.ADMIN_CHANGE,
+        actor=actor,
+        message=f"destination rule {rule.pattern} for {team or 'every team'} {action}",
+        detail={"object": "destination_rule", "action": action, "team": team, "pattern": rule.pattern},
+    )
 
 
 def server_delete(*, server: McpServer, actor) -> int:

@@ -32,6 +32,11 @@ DEFAULTS: dict[str, Any] = {
     "UPSTREAM_CONNECT_TIMEOUT": 5,
     "UPSTREAM_READ_TIMEOUT": 15,
     "UPSTREAM_MAX_RESPONSE_BYTES": 1024 * 1024,
+    # The whole of one upstream call (connect, send, read the response), enforced on the socket.
+    "UPSTREAM_DEADLINE_SECONDS": 20,
+    # Outbound destination policy (DESIGN §5.13): True lets loopback, link-local and private addresses
+    # through every policy. For the test and local (`make run`) settings only; never in production.
+    "OUTBOUND_ALLOW_SPECIAL_ADDRESSES": False,
     # Client ID Metadata Documents: loopback/private hosts only in tests.
     "CIMD_ALLOW_PRIVATE_ADDRESSES": False,
     # Registration: a cap per server, and how long an unused registration lives.

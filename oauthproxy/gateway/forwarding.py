@@ -26,6 +26,7 @@ from oauthproxy.core import caching
 from oauthproxy.core.exceptions import InvalidToken, UpstreamError
 from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imports it from here)
     HTTP_ERRORS,
+    DestinationRefused,
     InternalServerResponse,
     PoolTimeout,
     internal_server_pool,
@@ -40,7 +41,7 @@ from oauthproxy.gateway.auth import (
 )
 from oauthproxy.gateway.identity import gateway_identity_headers, identity_caches_clear
 from oauthproxy.gateway.mcp_sessions import mcp_session_id_open, mcp_session_id_seal
-from oauthproxy.gateway.servers import GatewayServer
+from oauthproxy.gateway.servers import GatewayServer, gateway_destination_policy, gateway_destination_policy_clear
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def gateway_caches_clear() -> None:
     caching.servers.clear()
     gateway_auth_caches_clear()
     identity_caches_clear()
+    gateway_destination_policy_clear()
 
 
 # -- forwarding --------------------------------------------------------------------------------------
@@ -245,18 +247,22 @@ async def _send(
         headers = [*forwarded, ("authorization", "Bearer " + credential.access_token)]
     pool = internal_server_pool()
     pool_timeout = float(proxy_settings.GATEWAY_POOL_TIMEOUT)
+    policy = await gateway_destination_policy(server)  # where mcp_url may lead (DESIGN §5.13); cached
     try:
         if method == "GET":
             # The long-lived SSE stream: no read timeout once it is open, but its headers are bounded.
             async with asyncio.timeout(server.stream_open_timeout):
                 return await pool.request(
                     method, server.url, headers=headers, body=b"", timeout=server.stream_timeout,
-                    write_timeout=server.write_timeout, pool_timeout=pool_timeout,
+                    write_timeout=server.write_timeout, pool_timeout=pool_timeout, policy=policy,
                 )
         return await pool.request(
             method, server.url, headers=headers, body=body if method == "POST" else b"", timeout=server.timeout,
-            write_timeout=server.write_timeout, pool_timeout=pool_timeout,
+            write_timeout=server.write_timeout, pool_timeout=pool_timeout, policy=policy,
         )
+    except DestinationRefused as exc:
+        _log_failure(server, method, f"was refused: {exc.reason}")
+        raise GatewayError("The MCP server is unreachable.", status=502)
     except HTTP_ERRORS as exc:
         raise _gateway_error(exc, server, method)
     except ValueError as exc:  # aiohttp refuses a header value (e.g. an upstream token with a line break)

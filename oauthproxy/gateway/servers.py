@@ -15,7 +15,9 @@ import aiohttp
 from django.utils.module_loading import import_string
 from yarl import URL
 
-from oauthproxy.core.caching import MISS, SingleFlight
+from oauthproxy.core.caching import MISS, SingleFlight, TTLCache
+from oauthproxy.core.destinations import team_destination_policy
+from oauthproxy.core.http import UNRESTRICTED, DestinationPolicy, origin_of
 from oauthproxy.core.servers import server_view_cached, server_view_load
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.core.threads import run_in_db_thread
@@ -48,6 +50,9 @@ class GatewayServer:
     forward_upstream_token: bool = True
     issuer_url: str = ""
     audience: str = ""
+    # The destination policy (DESIGN §5.13): the team whose rules apply, unless a superuser saved mcp_url.
+    team_id: int | None = None
+    mcp_url_trusted: bool = False
 
 
 _UNKNOWN_SERVER = object()  # the view of an unknown or disabled slug: probing them costs no query either
@@ -102,7 +107,36 @@ def gateway_server_snapshot(server: McpServer) -> GatewayServer:
         forward_upstream_token=server.forward_upstream_token,
         issuer_url=server.issuer_url,
         audience=server.mcp_url,
+        team_id=server.team_id,
+        mcp_url_trusted=origin_of(server.mcp_url) in (server.trusted_origins or ()),
     )
+
+
+_policies: TTLCache[DestinationPolicy] = TTLCache(maxsize=1000)
+_policy_loads = SingleFlight()
+
+
+async def gateway_destination_policy(server: GatewayServer) -> DestinationPolicy:
+    """Where *server*'s mcp_url may lead: anywhere when a superuser saved it, else its team's policy, read
+    once per ``SERVER_CACHE_SECONDS`` per team (the pool checks it when a connection is opened)."""
+    if server.mcp_url_trusted:
+        return UNRESTRICTED
+    policy = _policies.get(server.team_id)
+    if policy is None:
+        policy = await _policy_loads.run(("destinations", server.team_id), lambda: run_in_db_thread(
+            _team_policy_load, team_id=server.team_id, cache_load=True
+        ))
+    return policy
+
+
+def _team_policy_load(*, team_id: int | None) -> DestinationPolicy:
+    policy = team_destination_policy(team_ids=[team_id] if team_id else [])
+    _policies.set(team_id, policy, ttl=float(proxy_settings.SERVER_CACHE_SECONDS))
+    return policy
+
+
+def gateway_destination_policy_clear() -> None:
+    _policies.clear()
 
 
 def _parse_mcp_url(mcp_url: str) -> tuple[URL | None, str]:

@@ -1,6 +1,7 @@
 from oauthproxy.models.audit import AuditEvent
 from oauthproxy.models.clients import Client
 from oauthproxy.models.consent import Consent, PendingAuthorization
+from oauthproxy.models.destinations import DestinationRule
 from oauthproxy.models.identity import IdentityKey
 from oauthproxy.models.introspection import IntrospectionCredential
 from oauthproxy.models.servers import McpServer
@@ -14,6 +15,7 @@ __all__ = [
     "AuditEvent",
     "Client",
     "Consent",
+    "DestinationRule",
     "Grant",
     "IDToken",
     "IdentityKey",

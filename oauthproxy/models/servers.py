@@ -201,6 +201,10 @@ class McpServer(models.Model):
         help_text="Which clients may register and connect. Known clients are the major MCP clients of the "
         "catalog shipped with the proxy (by metadata-document URL or redirect URI).",
     )
+    # The origins (scheme://host:port) of this server's destinations as a superuser last saved them: they
+    # pass the destination policy as they are (e.g. a loopback internal server). A save by anyone else keeps
+    # only those its destinations still use (DESIGN §5.13).
+    trusted_origins = models.JSONField(default=list, blank=True, editable=False)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -234,6 +238,11 @@ class McpServer(models.Model):
     @property
     def resource_metadata_url(self) -> str:
         return f"{settings.PUBLIC_BASE_URL}/.well-known/oauth-protected-resource/mcp/{self.slug}"
+
+    @property
+    def destination_urls(self) -> dict[str, str]:
+        """The URLs this server sends requests to, by field (empty ones left out)."""
+        return {name: getattr(self, name) for name in DESTINATION_FIELDS if getattr(self, name)}
 
     @property
     def upstream_auth_method(self) -> str:
@@ -299,6 +308,13 @@ class McpServer(models.Model):
         if errors:
             raise ValidationError(errors)
 
+
+# The fields naming where the proxy sends requests (the connection check probes the authorization endpoint).
+DESTINATION_FIELDS = (
+    "mcp_url", "authorization_endpoint", "token_endpoint", "revocation_endpoint", "userinfo_endpoint", "issuer",
+)
+# Those receiving the upstream client secret or users' tokens: changing their origin needs the secret.
+CREDENTIAL_FIELDS = ("token_endpoint", "revocation_endpoint", "userinfo_endpoint", "issuer")
 
 RESERVED_AUTHORIZE_PARAMS = frozenset(
     {"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method", "scope"}

@@ -10,18 +10,17 @@ import secrets
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-import requests
-
 from oauthproxy.core.crypto import pkce_s256_challenge
+from oauthproxy.core.destinations import server_destination_policy
+from oauthproxy.core.http import OutboundError
 from oauthproxy.models import McpServer
 from oauthproxy.upstream.client import (
     DiscoveryError,
     UpstreamClient,
-    http_session,
     metadata_strings,
     request_failure_reason,
+    upstream_fetch,
     upstream_metadata_fetch,
-    upstream_timeouts,
 )
 
 _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -29,14 +28,14 @@ _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # -- HTTP ------------------------------------------------------------------------------------------
 
-def _probe(url: str, *, method: str = "GET") -> tuple[int, str, str]:
-    """Send one request and read nothing: (status or 0, Location header, problem)."""
+def _probe(url: str, *, server: McpServer, method: str = "GET") -> tuple[int, str, str]:
+    """Send one request under the server's destination policy and read nothing: (status or 0, Location
+    header, problem). A refused destination answers the same whether or not something listens there."""
     try:
-        response = http_session().request(method, url, timeout=upstream_timeouts(), allow_redirects=False, stream=True)
-    except requests.RequestException as exc:
+        response = upstream_fetch(url, policy=server_destination_policy(server=server), max_bytes=0, method=method)
+    except OutboundError as exc:
         return 0, "", request_failure_reason(exc, url)
-    response.close()
-    return response.status_code, response.headers.get("Location", ""), ""
+    return response.status, response.headers.get("Location", ""), ""
 
 
 # -- connection check ------------------------------------------------------------------------------
@@ -113,7 +112,9 @@ def _check_metadata(server: McpServer) -> list[CheckResult]:
         return [CheckResult(name, SKIPPED, "No upstream issuer is configured; set one to compare the "
                                            "configuration with the upstream's metadata.")]
     try:
-        url, data = upstream_metadata_fetch(issuer=server.issuer)
+        url, data = upstream_metadata_fetch(
+            issuer=server.issuer, policy=server_destination_policy(server=server), server=server.slug
+        )
     except DiscoveryError as exc:
         return [CheckResult(name, ERROR, exc.reason)]
     results = [CheckResult(name, OK, f"Found at {url}.")]
@@ -161,7 +162,7 @@ def _check_authorization_endpoint(server: McpServer) -> CheckResult:
         state=secrets.token_urlsafe(16),
         code_challenge=pkce_s256_challenge(verifier) if server.use_pkce else None,
     )
-    status, location, problem = _probe(url)
+    status, location, problem = _probe(url, server=server)
     if problem:
         return CheckResult(name, ERROR, f"Unreachable: {problem}.")
     if status >= 500:
@@ -177,8 +178,8 @@ def _check_authorization_endpoint(server: McpServer) -> CheckResult:
     return CheckResult(name, OK, f"Reachable (HTTP {status}).")
 
 
-def _check_reachable(name: str, url: str, *, blocking: bool = True) -> CheckResult:
-    status, _location, problem = _probe(url)
+def _check_reachable(name: str, url: str, *, server: McpServer, blocking: bool = True) -> CheckResult:
+    status, _location, problem = _probe(url, server=server)
     if problem:
         return CheckResult(name, ERROR if blocking else WARNING, f"Unreachable: {problem}.")
     if status >= 500:
@@ -196,11 +197,12 @@ def server_connection_check(*, server: McpServer) -> ConnectionCheck:
     check.results.append(_check_authorization_endpoint(server))
     check.results.append(_check_credential(server))
     if server.revocation_endpoint:
-        check.results.append(_check_reachable("Revocation endpoint", server.revocation_endpoint))
+        check.results.append(_check_reachable("Revocation endpoint", server.revocation_endpoint, server=server))
     if server.userinfo_endpoint:
-        check.results.append(_check_reachable("Userinfo endpoint", server.userinfo_endpoint))
+        check.results.append(_check_reachable("Userinfo endpoint", server.userinfo_endpoint, server=server))
     if server.mcp_url:
-        check.results.append(_check_reachable("Internal MCP server", server.mcp_url, blocking=False))
+        check.results.append(_check_reachable("Internal MCP server", server.mcp_url, server=server,
+                                              blocking=False))
     else:
         check.results.append(CheckResult("Internal MCP server", WARNING,
                                          "No internal MCP URL: the gateway cannot forward traffic."))

@@ -16,81 +16,72 @@ from datetime import timedelta
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import jwt
-import requests
 from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
-from requests.adapters import HTTPAdapter
 
 from oauthproxy.core import metrics
+from oauthproxy.core.destinations import server_destination_policy
 from oauthproxy.core.exceptions import UpstreamError
+from oauthproxy.core.http import (
+    DestinationPolicy,
+    OutboundConnectionError,
+    OutboundError,
+    OutboundResponse,
+    OutboundTimeout,
+    ResponseTooLarge,
+    outbound_fetch,
+)
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 
 logger = logging.getLogger(__name__)
 
-_session: requests.Session | None = None
 
-
-def http_session() -> requests.Session:
-    """The one HTTP session for upstream calls (connection pooling across requests). Tests patch HTTP
-    with ``responses``, which intercepts this session like any other."""
-    global _session
-    if _session is None:
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=32, pool_maxsize=64, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        session.headers["User-Agent"] = "mcp-oauth-proxy"
-        _session = session
-    return _session
-
-
-def upstream_timeouts() -> tuple[float, float]:
-    return proxy_settings.UPSTREAM_CONNECT_TIMEOUT, proxy_settings.UPSTREAM_READ_TIMEOUT
-
-
-def _read_json(response: requests.Response, *, what: str) -> dict:
-    limit = proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES
-    body = response.raw.read(limit + 1, decode_content=True) if response.raw is not None else response.content
-    if len(body) > limit:
-        raise UpstreamError(f"{what}: response larger than {limit} bytes", oauth_error="server_error")
+def _read_json(response: OutboundResponse, *, what: str) -> dict:
     try:
-        data = json.loads(body)
+        data = json.loads(response.body)
     except ValueError:
         content_type = response.headers.get("Content-Type", "?")
         raise UpstreamError(
-            f"{what}: HTTP {response.status_code} with a non-JSON body ({content_type})",
-            oauth_error="server_error" if response.status_code < 500 else "temporarily_unavailable",
+            f"{what}: HTTP {response.status} with a non-JSON body ({content_type})",
+            oauth_error="server_error" if response.status < 500 else "temporarily_unavailable",
         )
     if not isinstance(data, dict):
         raise UpstreamError(f"{what}: JSON body is not an object", oauth_error="server_error")
     return data
 
 
-def _request(method: str, url: str, *, what: str, server: str | None = None, **kwargs) -> requests.Response:
-    """One upstream call (``server``: the slug, for the metrics only)."""
+def upstream_deadline() -> float:
+    """Seconds one upstream call may take in all: connecting, sending and reading the whole response."""
+    return proxy_settings.UPSTREAM_DEADLINE_SECONDS
+
+
+def _request(
+    method: str, url: str, *, what: str, server: McpServer, read_body: bool = True, **kwargs
+) -> OutboundResponse:
+    """One upstream call of *server*, under its team's destination policy and the upstream deadline."""
     outcome = "error"
     started = time.perf_counter()
     try:
-        response = http_session().request(
-            method, url, timeout=upstream_timeouts(), allow_redirects=False, stream=True, **kwargs
+        response = outbound_fetch(
+            method, url, policy=server_destination_policy(server=server), timeout=upstream_deadline(),
+            connect_timeout=proxy_settings.UPSTREAM_CONNECT_TIMEOUT,
+            read_timeout=proxy_settings.UPSTREAM_READ_TIMEOUT,
+            max_bytes=proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES if read_body else 0, **kwargs,
         )
-        outcome = metrics.status_class(response.status_code)
-    except requests.Timeout:
+        outcome = metrics.status_class(response.status)
+    except OutboundTimeout:
         outcome = "timeout"
         raise UpstreamError(f"{what}: timed out", oauth_error="temporarily_unavailable")
-    except requests.ConnectionError as exc:
+    except OutboundConnectionError as exc:
         outcome = "connection_error"
-        raise UpstreamError(
-            f"{what}: cannot connect to {urlsplit(url).netloc} ({type(exc).__name__})",
-            oauth_error="temporarily_unavailable",
-        )
-    except requests.RequestException as exc:
-        raise UpstreamError(f"{what}: request failed ({type(exc).__name__})", oauth_error="server_error")
+        raise UpstreamError(f"{what}: {exc.reason}", oauth_error="temporarily_unavailable")
+    except OutboundError as exc:
+        raise UpstreamError(f"{what}: {exc.reason}", oauth_error="server_error")
     finally:
         metrics.upstream_request_record(
-            server=server, what=what, outcome=outcome, seconds=time.perf_counter() - started
+            server=server.slug, what=what, outcome=outcome, seconds=time.perf_counter() - started
         )
     return response
 
@@ -105,43 +96,47 @@ class DiscoveryError(Exception):
         self.reason = reason
 
 
-def request_failure_reason(exc: requests.RequestException, url: str) -> str:
-    """Why a request failed, for the operator (no URL path or query: they may carry secrets)."""
-    if isinstance(exc, requests.Timeout):
+def request_failure_reason(exc: OutboundError, url: str) -> str:
+    """Why a request failed, for the operator (no URL path or query: they may carry secrets). A refused
+    destination reads the same whether or not something listens there: nothing was sent."""
+    if isinstance(exc, OutboundTimeout):
         return f"timed out ({urlsplit(url).netloc})"
-    if isinstance(exc, requests.ConnectionError):
+    if isinstance(exc, OutboundConnectionError):
         return f"cannot connect to {urlsplit(url).netloc}"
-    return f"request failed ({type(exc).__name__})"
+    return exc.reason
 
 
-def _fetch_json(url: str, *, server: str | None) -> tuple[int, dict | None, str]:
+def upstream_fetch(url: str, *, policy: DestinationPolicy, max_bytes: int, method: str = "GET",
+                   headers: dict | None = None) -> OutboundResponse:
+    """One request of discovery or the connection check: under *policy* and the upstream deadline. Raises
+    ``OutboundError``."""
+    return outbound_fetch(
+        method, url, policy=policy, timeout=upstream_deadline(), max_bytes=max_bytes,
+        connect_timeout=proxy_settings.UPSTREAM_CONNECT_TIMEOUT, read_timeout=proxy_settings.UPSTREAM_READ_TIMEOUT,
+        headers=headers,
+    )
+
+
+def _fetch_json(url: str, *, policy: DestinationPolicy, server: str | None) -> tuple[int, dict | None, str]:
     """GET a JSON document: (status, object or None, problem). ``server``: the slug, for the metrics."""
     limit = proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES
     outcome, started = "error", time.perf_counter()
     try:
-        response = http_session().get(
-            url, timeout=upstream_timeouts(), allow_redirects=False, stream=True, headers={"Accept": "application/json"}
-        )
-        outcome = metrics.status_class(response.status_code)
-    except requests.RequestException as exc:
-        outcome = "timeout" if isinstance(exc, requests.Timeout) else "connection_error"
+        response = upstream_fetch(url, policy=policy, max_bytes=limit, headers={"Accept": "application/json"})
+        outcome = metrics.status_class(response.status)
+    except ResponseTooLarge:
+        return 200, None, f"larger than {limit} bytes"
+    except OutboundError as exc:
+        outcome = {OutboundTimeout: "timeout", OutboundConnectionError: "connection_error"}.get(type(exc), "error")
         return 0, None, request_failure_reason(exc, url)
     finally:
         metrics.upstream_request_record(
             server=server, what="upstream discovery", outcome=outcome, seconds=time.perf_counter() - started
         )
+    if response.status != 200:
+        return response.status, None, f"HTTP {response.status}"
     try:
-        if response.status_code != 200:
-            return response.status_code, None, f"HTTP {response.status_code}"
-        body = response.raw.read(limit + 1, decode_content=True) if response.raw is not None else response.content
-    except requests.RequestException as exc:
-        return 0, None, request_failure_reason(exc, url)
-    finally:
-        response.close()
-    if len(body) > limit:
-        return 200, None, f"larger than {limit} bytes"
-    try:
-        data = json.loads(body)
+        data = json.loads(response.body)
     except ValueError:
         return 200, None, "not JSON"
     if not isinstance(data, dict):
@@ -180,11 +175,14 @@ def issuer_metadata_urls(issuer: str) -> list[str]:
     return urls
 
 
-def upstream_metadata_fetch(*, issuer: str, server: str | None = None) -> tuple[str, dict]:
+def upstream_metadata_fetch(
+    *, issuer: str, policy: DestinationPolicy, server: str | None = None
+) -> tuple[str, dict]:
     """THE fetcher of an issuer's metadata: (metadata URL, metadata), tried at ``issuer_metadata_urls`` in
     order and checked: its ``issuer`` matches (RFC 8414 §3.3) and it names the authorization and token
     endpoints. Discovery, the connection check and ``UpstreamClient.provider_metadata`` (ID token keys)
-    all use it. ``server``: the slug, for the metrics. Raises ``DiscoveryError``."""
+    all use it. Requests go only where *policy* allows. ``server``: the slug, for the metrics. Raises
+    ``DiscoveryError``."""
     issuer = (issuer or "").strip()
     if not issuer_url_is_acceptable(issuer):
         raise DiscoveryError("The issuer must be an https:// URL (http:// only for localhost or with DEBUG).")
@@ -192,7 +190,7 @@ def upstream_metadata_fetch(*, issuer: str, server: str | None = None) -> tuple[
         raise DiscoveryError("An issuer URL has no query or fragment (RFC 8414 §2).")
     problems = []
     for url in issuer_metadata_urls(issuer):
-        _status, data, problem = _fetch_json(url, server=server)
+        _status, data, problem = _fetch_json(url, policy=policy, server=server)
         if data is not None:
             break
         problems.append(f"{url}: {problem}")
@@ -311,12 +309,12 @@ class UpstreamClient:
             body["client_secret"] = server.client_secret
         else:  # none: a public upstream client
             body["client_id"] = server.client_id
-        response = _request("POST", server.token_endpoint, what=what, data=body, headers=headers, server=server.slug)
-        if response.status_code >= 500:
-            raise UpstreamError(f"{what}: HTTP {response.status_code}", oauth_error="temporarily_unavailable")
+        response = _request("POST", server.token_endpoint, what=what, data=body, headers=headers, server=server)
+        if response.status >= 500:
+            raise UpstreamError(f"{what}: HTTP {response.status}", oauth_error="temporarily_unavailable")
         payload = _read_json(response, what=what)
-        if response.status_code != 200 or "error" in payload:
-            error = str(payload.get("error") or f"http_{response.status_code}")[:100]
+        if response.status != 200 or "error" in payload:
+            error = str(payload.get("error") or f"http_{response.status}")[:100]
             description = str(payload.get("error_description") or "")[:300]
             oauth_error = "invalid_grant" if error == "invalid_grant" else "server_error"
             raise UpstreamError(
@@ -361,12 +359,12 @@ class UpstreamClient:
             if server.upstream_auth_method == "client_secret_post":
                 body["client_secret"] = server.client_secret
         try:
-            response = _request("POST", endpoint, what="revocation", data=body, headers=headers, server=server.slug)
+            response = _request("POST", endpoint, what="revocation", data=body, headers=headers, server=server,
+                                read_body=False)
         except UpstreamError as exc:
             logger.warning("upstream revocation failed for %s: %s", server.slug, exc.reason)
             return False
-        response.close()
-        return response.status_code == 200
+        return response.status == 200
 
     # -- identity ------------------------------------------------------------------------------
     def userinfo(self, *, access_token: str) -> dict:
@@ -375,11 +373,10 @@ class UpstreamClient:
             self.server.userinfo_endpoint,
             what="userinfo",
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
-            server=self.server.slug,
+            server=self.server,
         )
-        if response.status_code != 200:
-            response.close()
-            raise UpstreamError(f"userinfo: HTTP {response.status_code}", oauth_error="server_error")
+        if response.status != 200:
+            raise UpstreamError(f"userinfo: HTTP {response.status}", oauth_error="server_error")
         return _read_json(response, what="userinfo")
 
     def provider_metadata(self) -> dict:
@@ -389,7 +386,9 @@ class UpstreamClient:
         if cached is not None:
             return cached
         try:
-            _url, data = upstream_metadata_fetch(issuer=self.server.issuer, server=self.server.slug)
+            _url, data = upstream_metadata_fetch(
+                issuer=self.server.issuer, policy=server_destination_policy(server=self.server), server=self.server.slug
+            )
         except DiscoveryError as exc:
             raise UpstreamError(f"upstream discovery failed: {exc.reason}", oauth_error="server_error")
         cache.set(cache_key, data, 3600)
@@ -460,7 +459,7 @@ class UpstreamClient:
         for _attempt in range(2):
             if jwks is None:
                 response = _request("GET", jwks_uri, what="jwks", headers={"Accept": "application/json"},
-                                    server=self.server.slug)
+                                    server=self.server)
                 jwks = _read_json(response, what="jwks")
                 cache.set(cache_key, jwks, 3600)
             try:

@@ -7,7 +7,11 @@ connection check is ``upstream.check``.
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from django.core.exceptions import ValidationError
+
+from oauthproxy.console.changes import server_change_problems
 from oauthproxy.console.servers import server_save
+from oauthproxy.core.http import DestinationPolicy
 from oauthproxy.models import McpServer
 from oauthproxy.models.servers import AUTH_METHODS
 from oauthproxy.upstream.client import (  # noqa: F401 (DiscoveryError: the console imports it from here)
@@ -35,10 +39,11 @@ class DiscoveryResult:
     grant_types_supported: list[str] | None = None
 
 
-def upstream_discover(*, issuer: str) -> DiscoveryResult:
+def upstream_discover(*, issuer: str, policy: DestinationPolicy) -> DiscoveryResult:
     """Fetch an issuer's RFC 8414 / OIDC metadata and work out the server fields it implies: endpoints,
-    the auth methods the proxy can use, PKCE and suggested scopes. Saves nothing."""
-    url, data = upstream_metadata_fetch(issuer=issuer)
+    the auth methods the proxy can use, PKCE and suggested scopes. Saves nothing. Requests go only where
+    *policy* (the operator's or the server's) allows."""
+    url, data = upstream_metadata_fetch(issuer=issuer, policy=policy)
     result = DiscoveryResult(issuer=data["issuer"], metadata_url=url)
     values = result.values
     values["issuer"] = data["issuer"]
@@ -109,8 +114,12 @@ def server_discovery_apply(
     """Apply found values to a saved server (validated, audited). Returns the fields that changed.
     Raises ``django.core.exceptions.ValidationError`` when the result makes the server invalid."""
     chosen = list(fields) if fields is not None else discovery_default_fields(server=server, result=result)
+    before = McpServer.objects.filter(pk=server.pk).first()
     for name in chosen:
         if name in result.values:
             setattr(server, name, result.values[name])
     server.full_clean()
+    # Found values move endpoints like any edit: the same rules (the secret is not part of discovery).
+    if problems := server_change_problems(before=before, server=server, actor=actor, secret_entered=False):
+        raise ValidationError(problems)
     return server_save(server=server, actor=actor, message_prefix="discovery applied: ")

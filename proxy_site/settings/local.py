@@ -17,3 +17,7 @@ WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
 STATIC_ROOT = None  # nothing collected outside production images; avoids WhiteNoise warnings
+
+# `make run` talks to a local upstream and internal server: loopback destinations are allowed for every
+# team (OUTBOUND_ALLOW_SPECIAL_ADDRESSES=false to try the production policy).
+OAUTHPROXY = {**OAUTHPROXY, "OUTBOUND_ALLOW_SPECIAL_ADDRESSES": env_bool("OUTBOUND_ALLOW_SPECIAL_ADDRESSES", True)}  # noqa: F405

@@ -28,6 +28,8 @@ OAUTH2_PROVIDER = {
     "AUTHORIZATION_CODE_EXPIRE_SECONDS": 60,
     "ALLOWED_REDIRECT_URI_SCHEMES": ["https", "http"],
     "ALLOW_LOCALHOST_LOOPBACK": True,
+    # Client ID metadata documents are fetched through the proxy's guarded outbound HTTP (core/http.py).
+    "CIMD_METADATA_FETCHER": "oauthproxy.authserver.cimd.ProxyMetadataFetcher",
     "OAUTH2_VALIDATOR_CLASS": "oauthproxy.authserver.dot.validator.ProxyOAuth2Validator",
     "SCOPES_BACKEND_CLASS": "oauthproxy.authserver.dot.scopes.ServerScopes",
     "DEFAULT_SCOPES": [],
@@ -51,6 +53,10 @@ OAUTHPROXY = {
     "UPSTREAM_CONNECT_TIMEOUT": 5,
     "UPSTREAM_READ_TIMEOUT": 15,
     "UPSTREAM_MAX_RESPONSE_BYTES": 1024 * 1024,
+    # The whole of one upstream call (connect, send, read the response), enforced on the socket.
+    "UPSTREAM_DEADLINE_SECONDS": env_int("UPSTREAM_DEADLINE_SECONDS", 20),
+    # Loopback, link-local and cloud metadata destinations for everyone: tests and `make run` only.
+    "OUTBOUND_ALLOW_SPECIAL_ADDRESSES": env_bool("OUTBOUND_ALLOW_SPECIAL_ADDRESSES", False),
     # Client ID Metadata Documents: loopback/private hosts only in tests.
     "CIMD_ALLOW_PRIVATE_ADDRESSES": env_bool("CIMD_ALLOW_PRIVATE_ADDRESSES", False),
     "MAX_REGISTRATIONS_PER_SERVER": env_int("MAX_REGISTRATIONS_PER_SERVER", 10000),

@@ -9,10 +9,10 @@ import responses
 from django.core.cache import cache
 from django.utils import timezone
 
-from oauthproxy.authserver import cimd
 from oauthproxy.authserver.cimd import ClientMetadataDocumentError, client_id_is_metadata_url, client_resolve
 from oauthproxy.authserver.registration import RegistrationLimitReached
 from oauthproxy.console.clients import client_delete, client_update
+from oauthproxy.core import http as core_http
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import AuditEvent, Client
 from tests.factories import make_client
@@ -319,7 +319,7 @@ class TestSsrfGuard:
             connected.append(address)
             raise OSError("no network in tests")
 
-        monkeypatch.setattr(cimd, "create_connection", create_connection)
+        monkeypatch.setattr(core_http, "create_connection", create_connection)
         with pytest.raises(ClientMetadataDocumentError, match="could not be fetched"):
             client_resolve(server=server, client_id=URL)
         assert connected == [("93.184.215.14", 443)]

@@ -299,6 +299,7 @@ def _base_env(
         DATABASE_URL=database_url,
         ALLOW_HTTP_BASE_URL="true",
         CIMD_ALLOW_PRIVATE_ADDRESSES="true",
+        OUTBOUND_ALLOW_SPECIAL_ADDRESSES="true",  # the upstream and internal servers listen on loopback
         ALLOWED_HOSTS="127.0.0.1,localhost",
         LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",

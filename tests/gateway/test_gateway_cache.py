@@ -101,7 +101,8 @@ def test_a_burst_of_cold_requests_loads_the_token_once(gateway, gateway_url, cou
 
     answers = asyncio.run(burst())
     assert [a.status_code for a in answers] == [200] * 10
-    assert count_queries.count == 2  # one for the server, one for the token (with its session)
+    # one for the server, one for its team's destination rules (cached with it), one for the token and session
+    assert count_queries.count == 3
 
 
 def test_django_route_serves_the_gateway_too(transactional_db, proxy, internal_json, count_queries):

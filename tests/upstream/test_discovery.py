@@ -10,6 +10,7 @@ from django.contrib.auth.models import Group, User
 from django.core.exceptions import ValidationError
 
 from oauthproxy.console.servers import server_delete, server_save
+from oauthproxy.core.http import UNRESTRICTED
 from oauthproxy.models import AuditEvent, McpServer, UpstreamSession
 from oauthproxy.upstream.check import server_connection_check
 from oauthproxy.upstream.discovery import (
@@ -67,7 +68,7 @@ class TestDiscover:
     def test_fills_endpoints_methods_pkce_and_scopes_from_oidc_metadata(self, upstream):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", status=404)
         upstream.get(f"{UPSTREAM}/.well-known/openid-configuration", json=oidc_metadata())
-        result = upstream_discover(issuer=UPSTREAM)
+        result = upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         assert result.metadata_url == f"{UPSTREAM}/.well-known/openid-configuration"
         assert result.values == {
             "issuer": UPSTREAM,
@@ -88,7 +89,7 @@ class TestDiscover:
         issuer = f"{UPSTREAM}/realms/acme"
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server/realms/acme",
                      json=oidc_metadata(issuer, scopes_supported=None))
-        result = upstream_discover(issuer=issuer)
+        result = upstream_discover(issuer=issuer, policy=UNRESTRICTED)
         assert result.values["token_endpoint"] == f"{issuer}/oauth/token"
         assert "scopes" not in result.values
 
@@ -96,22 +97,22 @@ class TestDiscover:
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server",
                      json=oidc_metadata("https://evil.example.com"))
         with pytest.raises(DiscoveryError, match="names the issuer 'https://evil.example.com'"):
-            upstream_discover(issuer=UPSTREAM)
+            upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
 
     def test_trailing_slash_difference_takes_the_upstreams_spelling(self, upstream):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", json=oidc_metadata(UPSTREAM + "/"))
-        assert upstream_discover(issuer=UPSTREAM).values["issuer"] == UPSTREAM + "/"
+        assert upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED).values["issuer"] == UPSTREAM + "/"
 
     def test_missing_token_endpoint_is_refused(self, upstream):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", json=oidc_metadata(token_endpoint=None))
         with pytest.raises(DiscoveryError, match="no token_endpoint"):
-            upstream_discover(issuer=UPSTREAM)
+            upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
 
     def test_nothing_found_lists_every_url_tried_and_why(self, upstream):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", body="<html>", status=200)
         # the OIDC URL is not mocked: a connection error
         with pytest.raises(DiscoveryError) as info:
-            upstream_discover(issuer=UPSTREAM)
+            upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         assert "oauth-authorization-server: not JSON" in info.value.reason
         assert "openid-configuration: cannot connect to idp.example.com" in info.value.reason
 
@@ -119,7 +120,7 @@ class TestDiscover:
                                         "https://idp.example.com/?tenant=1"])
     def test_unacceptable_issuers_are_refused_without_a_request(self, upstream, issuer):
         with pytest.raises(DiscoveryError):
-            upstream_discover(issuer=issuer)
+            upstream_discover(issuer=issuer, policy=UNRESTRICTED)
         assert len(upstream.calls) == 0
 
     def test_upstream_without_pkce_or_refresh_or_our_auth_methods(self, upstream):
@@ -127,7 +128,7 @@ class TestDiscover:
             code_challenge_methods_supported=None, revocation_endpoint=None,
             token_endpoint_auth_methods_supported=["private_key_jwt"], grant_types_supported=["authorization_code"],
         ))
-        result = upstream_discover(issuer=UPSTREAM)
+        result = upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         assert "use_pkce" not in result.values
         assert "token_endpoint_auth_methods_supported" not in result.values
         notes = " ".join(result.notes)
@@ -139,7 +140,7 @@ class TestDiscover:
     def test_public_upstream_client_gets_none_and_s256_less_upstream_turns_pkce_off(self, upstream):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", json=oidc_metadata(
             token_endpoint_auth_methods_supported=["none"], code_challenge_methods_supported=["plain"]))
-        result = upstream_discover(issuer=UPSTREAM)
+        result = upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         assert result.values["token_endpoint_auth_methods_supported"] == ["none"]
         assert result.values["use_pkce"] is False
 
@@ -148,7 +149,7 @@ class TestDiscover:
 class TestApplyAndSave:
     def test_apply_changes_the_server_and_audits_old_and_new_values(self, upstream, server, operator):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", json=oidc_metadata())
-        result = upstream_discover(issuer=UPSTREAM)
+        result = upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         changed = server_discovery_apply(server=server, result=result, actor=operator)
         server.refresh_from_db()
         assert server.token_endpoint == f"{UPSTREAM}/oauth/token"
@@ -163,7 +164,7 @@ class TestApplyAndSave:
 
     def test_apply_chosen_fields_only(self, upstream, server, operator):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server", json=oidc_metadata())
-        result = upstream_discover(issuer=UPSTREAM)
+        result = upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         assert server_discovery_apply(server=server, result=result, actor=operator, fields=["scopes"]) == ["scopes"]
         server.refresh_from_db()
         assert server.scopes == ["openid", "email", "profile", "offline_access"]
@@ -172,7 +173,7 @@ class TestApplyAndSave:
     def test_apply_refuses_what_the_server_cannot_use_and_saves_nothing(self, upstream, server, operator):
         upstream.get(f"{UPSTREAM}/.well-known/oauth-authorization-server",
                      json=oidc_metadata(token_endpoint="http://idp.example.com/token"))
-        result = upstream_discover(issuer=UPSTREAM)
+        result = upstream_discover(issuer=UPSTREAM, policy=UNRESTRICTED)
         with pytest.raises(ValidationError) as info:
             server_discovery_apply(server=server, result=result, actor=operator)
         assert "token_endpoint" in info.value.message_dict
