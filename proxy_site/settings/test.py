@@ -21,6 +21,14 @@ DATABASES = {
 # One test database per test run, so concurrent runs on one machine never drop each other's database.
 DATABASES["default"]["TEST"] = {"NAME": f"test_oauthproxy_{os.getpid()}"}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher", "oauthproxy.core.hashers.GeneratedSecretHasher"]
+# No listener thread holding a connection to the test database (tests that need it turn it on); loopback
+# upstreams and internal servers (the tests' listeners) allowed (tests of the destination policy turn it off).
+OAUTHPROXY = {  # noqa: F405
+    **OAUTHPROXY,  # noqa: F405
+    "CIMD_ALLOW_PRIVATE_ADDRESSES": True,
+    "INVALIDATION_LISTEN": False,
+    "OUTBOUND_ALLOW_SPECIAL_ADDRESSES": True,
+}
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
 STATIC_ROOT = None  # nothing collected outside production images; avoids WhiteNoise warnings
