@@ -102,7 +102,7 @@ class TestTheSecretFollowsOnlyWithTheSecret:
                                                                "client_id", "revocation_endpoint", "issuer")}
         data.update(team=bobs_server.team_id, token_endpoint=bobs_host.url + "/token", scopes="openid",
                     token_endpoint_auth_methods_supported="client_secret_basic", extra_authorize_params="{}",
-                    use_pkce="on", enabled="on")
+                    use_pkce="on", enabled="on", client_admission="any")
         form_class = type("Form", (McpServerForm,), {"actor": bob})
         form = form_class(data=data, instance=McpServer.objects.get(slug="bobs"))
         assert not form.is_valid()
