@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('auth', '0012_alter_user_first_name_max_length'),
-        ('oauthproxy', '0010_clients'),
+        ('oauthproxy', '0011_identity'),
     ]
 
     operations = [
