@@ -30,7 +30,7 @@ from .stack import BENCH_DIR, FASTMCP_PYTHON, REPO_DIR, fastmcp_available, stack
 
 # S3 after S4 and S2: with the production settings as they are, S3's registration burst leaves PostgreSQL's
 # connection slots full for a while (docs/PERFORMANCE.md, finding 1) and the next scenario's flows would fail.
-SCENARIOS = ("s1", "s4", "s2", "s3", "s5", "s6", "soak")
+SCENARIOS = ("s1", "s4", "s2", "s3", "s5", "s6", "s7", "soak")
 
 
 def _cmd(argv: list[str]) -> str:
@@ -201,6 +201,37 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     f"{hp['c16']['sql_statements']} ({hp['c16']['calls']})",
                     "0 | cache refills only",
                     verdict(hp, hp["met"]),
+                )
+            )
+    s7 = results.get("s7")
+    if s7:
+        variants = ("direct", "gateway", "gateway_tool_policy", "gateway_identity")
+        for c in (1, 16):
+            summary = _g(s7, "summary", f"c{c}")
+            if not summary:
+                continue
+            rows.append(
+                (
+                    f"S7 c={c} tools/call/s direct | gateway | with tool policy | with identity assertion",
+                    " | ".join(_fmt(_g(summary, "targets", t, "rate")) for t in variants),
+                    "",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"S7 c={c} p50 ms direct | gateway | with tool policy | with identity assertion",
+                    " | ".join(_fmt(_g(summary, "targets", t, "p50_ms")) for t in variants),
+                    "",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"S7 c={c} slowdown vs direct (x): gateway | tool policy | identity assertion",
+                    " | ".join(_fmt(_g(summary, "vs_direct", t, "slowdown_x")) for t in variants[1:]),
+                    "within noise of the plain gateway",
+                    "",
                 )
             )
     s2 = results.get("s2")

@@ -26,7 +26,7 @@ import httpx
 
 from . import oauth
 from .load import McpSession, RunStats, closed_loop, new_http
-from .stack import RP_CLIENT, RP_REDIRECT, UPSTREAM_SECRET, Stack, cpu_seconds, rss_mb
+from .stack import RP_CLIENT, RP_REDIRECT, UPSTREAM_SECRET, VARIANT_SLUGS, Stack, cpu_seconds, rss_mb
 
 
 @dataclass
@@ -110,8 +110,10 @@ class Bench:
     # targets ------------------------------------------------------------------------------------
 
     def targets(self) -> dict[str, str]:
-        """target name -> MCP URL."""
+        """target name -> MCP URL (S7's gateway variants are targets too, used by S7 only)."""
         out = {"direct": self.st.mcp.url, "gateway": self.st.gateway_url}
+        for name, (slug, _fields) in VARIANT_SLUGS.items():
+            out[name] = f"{self.st.proxy.url}/mcp/{slug}"
         if self.st.fastmcp_gateway:
             out["fastmcp_gateway"] = self.st.fastmcp_gateway.url
         if self.st.fastmcp_own:
@@ -206,11 +208,32 @@ class Bench:
 # S1: tools/call through the gateway vs directly
 
 
+async def s7(b: Bench, *, concurrencies: tuple[int, ...] = (1, 16)) -> dict[str, Any]:
+    """tools/call through the gateway with a tool policy and with identity assertions, beside the plain
+    gateway and direct calls, interleaved per repeat like S1 (each variant is its own server of the same
+    deployment, in front of the same internal server)."""
+    targets = ["direct", "gateway", *VARIANT_SLUGS]
+    runs = []
+    for c in concurrencies:
+        for t in targets:
+            if t != "direct":
+                await b.grants_for(t, c)
+        for rep in range(b.mode.repeats):
+            for t in targets:
+                stats = await b.echo_run(t, c)
+                entry = _run_entry(t, c, rep, stats)
+                runs.append(entry)
+                b.log(f"  S7 c={c} rep={rep} {t:20s} {entry['rate']:8.1f}/s p50 {entry['p50_ms']:7.2f} ms")
+    return {"runs": runs, "summary": summarize_echo(runs, concurrencies, targets)}
+
+
 def _run_entry(target: str, concurrency: int, repeat: int, stats: RunStats) -> dict[str, Any]:
     return {"target": target, "concurrency": concurrency, "repeat": repeat, **stats.summary()}
 
 
 def _cpu_key(target: str) -> str | None:
+    if target in VARIANT_SLUGS:
+        return "proxy"
     return {"gateway": "proxy", "fastmcp_gateway": "fastmcp_gateway", "fastmcp_own": "fastmcp_own"}.get(target)
 
 
@@ -257,7 +280,7 @@ def summarize_echo(runs: list[dict[str, Any]], concurrencies: tuple[int, ...], t
 
 
 async def s1(b: Bench, *, concurrencies: tuple[int, ...] = (1, 16), check_hot_path: bool = True) -> dict[str, Any]:
-    targets = list(b.targets())
+    targets = [t for t in b.targets() if t not in VARIANT_SLUGS]
     runs = []
     for c in concurrencies:
         for t in targets:

@@ -49,6 +49,11 @@ ADMIN_DB_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 DB_PREFIX = "oauthproxy_bench_"
 SLUG = "bench"
+# S7's variants of the same server: a tool policy (every tools/call parsed, none refused) and identity assertions.
+VARIANT_SLUGS = {
+    "gateway_tool_policy": ("bench-policy", {"tool_policy": [{"tools": ["admin_*"], "groups": ["bench-admins"]}]}),
+    "gateway_identity": ("bench-identity", {"identity_assertion": True}),
+}
 UPSTREAM_SECRET = "bench upstream secret/with+odd=chars"
 # authlib (FastMCP's upstream client) sends Basic credentials without form-encoding them (RFC 6749 §2.3.1), which
 # the IdP refuses for the secret above; FastMCP's clients get a plain one.
@@ -491,11 +496,18 @@ def stack(
         mcp = cleanup.enter_context(harness.start_mcp_server())
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        idp.add_client(upstream_client("mcp-proxy", [f"{base}/oauth/{SLUG}/callback"]))
+        slugs = [SLUG, *(slug for slug, _ in VARIANT_SLUGS.values())]
+        idp.add_client(upstream_client("mcp-proxy", [f"{base}/oauth/{slug}/callback" for slug in slugs]))
         deployment = ProxyDeployment(public_base_url=base, extra_env=dict(proxy_extra_env or {}))
         cleanup.callback(deployment.stop)
         deployment.import_servers(
             [idp.server_config("mcp-proxy", slug=SLUG, name="Bench tools", mcp_url=mcp.url, scopes=SCOPES)]
+            + [
+                idp.server_config(
+                    "mcp-proxy", slug=slug, name=f"Bench tools ({target})", mcp_url=mcp.url, scopes=SCOPES, **fields
+                )
+                for target, (slug, fields) in VARIANT_SLUGS.items()
+            ]
         )
         proxy = deployment.start_host(port=port, workers=workers)
         fgw = fown = None
