@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
+# `make run` serves at http://127.0.0.1:$(PORT) and tells clients so, unless PUBLIC_BASE_URL says otherwise.
+RUN_PUBLIC_BASE_URL := $(or $(PUBLIC_BASE_URL),http://127.0.0.1:$(PORT))
 HASH := $(shell cat pyproject.toml | sha1sum | cut -c1-12)
 # Two install levels: what serving needs (`make run`), and the test, lint and end-to-end tools on top.
 RUN_STAMP := $(VENV)/.installed-run-$(HASH)
@@ -24,18 +26,22 @@ install-run: $(RUN_STAMP)
 
 install: $(STAMP)
 
+run: export DJANGO_SETTINGS_MODULE := proxy_site.settings.local
+run: export PUBLIC_BASE_URL := $(RUN_PUBLIC_BASE_URL)
 run: install-run
-	DJANGO_SETTINGS_MODULE=proxy_site.settings.local $(PY) manage.py migrate --noinput
-	DJANGO_SETTINGS_MODULE=proxy_site.settings.local $(PY) manage.py ensure_admin
-	@echo "Serving on http://127.0.0.1:$(PORT)/admin/"
-	DJANGO_SETTINGS_MODULE=proxy_site.settings.local $(VENV)/bin/uvicorn proxy_site.asgi:application \
-		--host 127.0.0.1 --port $(PORT)
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py ensure_admin
+	@echo "Serving on http://127.0.0.1:$(PORT)/admin/ (PUBLIC_BASE_URL=$(RUN_PUBLIC_BASE_URL))"
+	$(VENV)/bin/uvicorn proxy_site.asgi:application --host 127.0.0.1 --port $(PORT)
 
 e2e-deps:
 	if [ -f tests/e2e/install.sh ]; then bash tests/e2e/install.sh; fi
 
+# The whole suite on PostgreSQL, then on SQLite (`make run`'s database) every test that does not need
+# PostgreSQL's concurrency (marker `postgres`), with the end-to-end test of `make run` itself (once: there).
 test: install e2e-deps
-	DATABASE_URL=$${DATABASE_URL:-$(DATABASE_URL_TEST)} $(PY) -m pytest
+	DATABASE_URL=$${DATABASE_URL:-$(DATABASE_URL_TEST)} $(PY) -m pytest --ignore=tests/e2e/test_make_run.py
+	DATABASE_URL=sqlite:// $(PY) -m pytest -m "not postgres"
 
 bench: install e2e-deps
 	bash bench/install-fastmcp.sh

@@ -1,5 +1,6 @@
 import pytest
 import responses
+from django.conf import settings
 
 from oauthproxy.core.caching import client_cache_clear, server_cache_clear
 from oauthproxy.models import McpServer
@@ -23,6 +24,17 @@ def make_server(**overrides) -> McpServer:
     server.full_clean()
     server.save()
     return server
+
+
+def pytest_collection_modifyitems(config, items):
+    """On SQLite (``make test``'s second run, ``make run``'s database) the tests marked ``postgres`` are
+    skipped: they need PostgreSQL's concurrency or start PostgreSQL deployments."""
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        return
+    skip = pytest.mark.skip(reason="needs PostgreSQL")
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,6 @@ from django.core.exceptions import BadRequest
 from django.core.handlers.asgi import ASGIRequest
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.exception import response_for_exception
-from django.db import InterfaceError, OperationalError
 from django.http import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
@@ -41,6 +40,7 @@ from oauthproxy.core.asgi import BodyTooLarge, body_read, django_response_send
 from oauthproxy.core.exceptions import InvalidRequest, oauth_error_response
 from oauthproxy.core.middleware import database_unavailable_response
 from oauthproxy.core.settings import proxy_settings
+from oauthproxy.db.errors import database_unreachable
 from oauthproxy.urls import OAUTH_PATH_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -123,12 +123,13 @@ def _program_response(request: ASGIRequest, match: ResolverMatch) -> HttpRespons
         response = match.func(request, *match.args, **match.kwargs)
         if callable(getattr(response, "render", None)):  # DRF's Response
             response = response.render()
-    except (OperationalError, InterfaceError) as exc:
-        response = database_unavailable_response(request, exc)
     except (BadRequest, UnicodeDecodeError, LookupError):  # a body Django cannot decode: RFC error, not HTML
         response = oauth_error_response(InvalidRequest("The request body could not be decoded."))
-    except Exception as exc:  # Django's answer to any exception: 400/403/404, or a logged 500
-        response = response_for_exception(request, exc)
+    except Exception as exc:
+        if database_unreachable(exc):
+            response = database_unavailable_response(request, exc)
+        else:  # Django's answer to any exception: 400/403/404, or a 500 logged with its traceback
+            response = response_for_exception(request, exc)
     _security_middleware.process_response(request, response)
     _frame_options_middleware.process_response(request, response)
     return response

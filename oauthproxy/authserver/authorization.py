@@ -34,10 +34,9 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 from oauth2_provider.settings import oauth2_settings
@@ -60,7 +59,7 @@ from oauthproxy.core.exceptions import (
 )
 from oauthproxy.core.ratelimit import rate_limit_check, rate_limit_count, rate_limit_hit
 from oauthproxy.core.settings import proxy_settings
-from oauthproxy.db.sql import db_values, row_instance, select_list
+from oauthproxy.db.authorization import pending_approved, pending_consumed, pending_of_state, pending_unanswered
 from oauthproxy.grants.access import access_decide
 from oauthproxy.grants.quotas import QuotaExceeded, quota_consume
 from oauthproxy.grants.sessions import Subject, subject_learn, upstream_session_create
@@ -383,7 +382,7 @@ def consent_request_get(*, server: McpServer, request_id: str | None, browser_ke
         pk = uuid.UUID(request_id or "")
     except ValueError:
         raise InvalidRequest("This consent link is not valid. Start again from your application.")
-    pending = _pending_read(_pending_unanswered_sql(), [pk, server.pk])
+    pending = pending_unanswered(pk=pk, server_pk=server.pk)
     if pending is None:
         raise InvalidRequest("This authorization request is unknown or was already answered.")
     pending.server = pending.client.server = server
@@ -483,7 +482,7 @@ def authorization_approve(*, pending: PendingAuthorization, remember: bool) -> s
     remember_seconds = proxy_settings.CONSENT_REMEMBER_SECONDS
     remember = remember and remember_seconds > 0
     with transaction.atomic() if remember else nullcontext():
-        if not _pending_approved(pending, now=now):
+        if not pending_approved(pending, now=now):
             raise InvalidRequest("This authorization request was already answered or has expired.")
         if remember:
             Consent.objects.filter(
@@ -595,7 +594,7 @@ def _pending_claim(
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
     now = timezone.now()
     browser_checksum = token_checksum(browser_key) if browser_key_is_valid(browser_key) else ""
-    if _pending_consumed(pending, browser_key_checksum=browser_checksum, now=now):
+    if pending_consumed(pending, browser_key_checksum=browser_checksum, now=now):
         pending.consumed_at = now
         return pending
     # Why not: a page, since nothing proves this browser may be sent to the client. (The row was read
@@ -650,7 +649,7 @@ def callback_pending_read(
         raise InvalidRequest("The sign-in response has no state. Start again from your application.")
     if len(state) > 512 or _CONTROL_RE.search(state):
         raise InvalidRequest("This sign-in link is not valid. Start again from your application.")
-    return state, _pending_read(_pending_of_state_sql(), [token_checksum(state), server.pk])
+    return state, pending_of_state(state_checksum=token_checksum(state), server_pk=server.pk)
 
 
 def authorization_complete(
@@ -798,96 +797,3 @@ def _upstream_tokens_discard(upstream: UpstreamClient, tokens: TokenSet) -> None
     if tokens.refresh_token:
         upstream.revoke(token=tokens.refresh_token, token_type_hint="refresh_token")
     upstream.revoke(token=tokens.access_token, token_type_hint="access_token")
-
-
-# -- the flow's reads and conditional writes of its PendingAuthorization row ------------------------------
-# Written once per process from the models' metadata instead of compiled by the ORM on every request (the
-# compilation cost several times what PostgreSQL spends running them; docs/PERFORMANCE.md finding 7). Values
-# are converted and prepared by the fields themselves, as the ORM does (decryption, encryption bound to the
-# row, JSON).
-
-
-def _pending_read(sql: str, params: list) -> PendingAuthorization | None:
-    """The row of one of the ``_pending_*_sql`` reads, with its client (none for a "Try it" test)."""
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    split = len(PendingAuthorization._meta.concrete_fields)
-    pending = row_instance(PendingAuthorization, row[:split])
-    if pending.client_id is not None:  # else a "Try it" test: nothing was joined
-        pending.client = row_instance(Client, row[split:])
-    return pending
-
-
-def _quote(name: str) -> str:
-    return connection.ops.quote_name(name)
-
-
-def _column(name: str) -> str:
-    """The quoted column of a PendingAuthorization field."""
-    return _quote(PendingAuthorization._meta.get_field(name).column)
-
-
-def _pending_select(join: str, where: str) -> str:
-    pending, client = PendingAuthorization._meta, Client._meta
-    return (
-        f"SELECT {select_list(PendingAuthorization, 'p')}, {select_list(Client, 'c')}"  # noqa: S608 (metadata)
-        f" FROM {_quote(pending.db_table)} p {join} JOIN {_quote(client.db_table)} c"
-        f" ON c.{_quote(client.pk.column)} = p.{_column('client')} WHERE {where} LIMIT 1"
-    )
-
-
-@cache
-def _pending_unanswered_sql() -> str:
-    """A client's request not answered yet, by primary key and server (the consent page)."""
-    return _pending_select(
-        "INNER", f"p.{_column('id')} = %s AND p.{_column('server')} = %s AND p.{_column('approved_at')} IS NULL"
-    )
-
-
-@cache
-def _pending_of_state_sql() -> str:
-    """The request (or "Try it" test) of an upstream state, by its checksum and server (the callback)."""
-    return _pending_select("LEFT", f"p.{_column('state_checksum')} = %s AND p.{_column('server')} = %s")
-
-
-_APPROVAL_FIELDS = ("state_checksum", "approved_at", "expires_at", "upstream_code_verifier")
-
-
-def _pending_approved(pending: PendingAuthorization, *, now: datetime) -> bool:
-    """Store the approval set on *pending* if its row is still open: unanswered, unconsumed, unexpired.
-    False when another request answered it first (or it expired)."""
-    fields = tuple(PendingAuthorization._meta.get_field(name) for name in _APPROVAL_FIELDS)
-    with connection.cursor() as cursor:
-        cursor.execute(_pending_approve_sql(), [*db_values(fields, pending, add=False), pending.pk, now])
-        return cursor.rowcount == 1
-
-
-@cache
-def _pending_approve_sql() -> str:
-    assignments = ", ".join(f"{_column(name)} = %s" for name in _APPROVAL_FIELDS)
-    return (
-        f"UPDATE {_quote(PendingAuthorization._meta.db_table)} SET {assignments}"  # noqa: S608 (metadata)
-        f" WHERE {_column('id')} = %s AND {_column('approved_at')} IS NULL AND {_column('consumed_at')} IS NULL"
-        f" AND {_column('expires_at')} > %s"
-    )
-
-
-def _pending_consumed(pending: PendingAuthorization, *, browser_key_checksum: str, now: datetime) -> bool:
-    """Consume *pending* if it is approved, unconsumed, unexpired and of this browser: True for exactly one
-    of any number of concurrent callers."""
-    with connection.cursor() as cursor:
-        cursor.execute(_pending_consume_sql(), [now, pending.pk, browser_key_checksum, now])
-        return cursor.rowcount == 1
-
-
-@cache
-def _pending_consume_sql() -> str:
-    return (
-        f"UPDATE {_quote(PendingAuthorization._meta.db_table)} SET {_column('consumed_at')} = %s"  # noqa: S608
-        f" WHERE {_column('id')} = %s AND {_column('browser_key_checksum')} = %s"
-        f" AND {_column('approved_at')} IS NOT NULL AND {_column('consumed_at')} IS NULL"
-        f" AND {_column('expires_at')} > %s"
-    )

@@ -47,11 +47,10 @@ import re
 import threading
 from dataclasses import replace
 from datetime import timedelta
-from functools import cache as memoize
 from urllib.parse import urlsplit
 
 from django.core.cache import cache
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from oauth2_provider.cimd import CIMDError, SafeMetadataFetcher
 from oauth2_provider.settings import oauth2_settings
@@ -77,7 +76,7 @@ from oauthproxy.core.http import (
     outbound_fetch,
 )
 from oauthproxy.core.settings import proxy_settings
-from oauthproxy.db.sql import rows_read, select_list
+from oauthproxy.db.clients import client_row
 from oauthproxy.models import AuditEvent, Client, McpServer
 
 logger = logging.getLogger(__name__)
@@ -145,18 +144,7 @@ def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
 
 
 def _client_row(*, server: McpServer, client_id: str) -> Client | None:
-    """The stored row, by a statement built once per process (``(server, client_id)`` is unique)."""
-    return next(iter(rows_read(Client, _client_row_sql(), [server.pk, client_id])), None)
-
-
-@memoize
-def _client_row_sql() -> str:
-    quote, client = connection.ops.quote_name, Client._meta
-    server_id, client_id = (quote(client.get_field(name).column) for name in ("server", "client_id"))
-    return (
-        f"SELECT {select_list(Client, 'c')} FROM {quote(client.db_table)} c"  # noqa: S608 (identifiers from metadata)
-        f" WHERE c.{server_id} = %s AND c.{client_id} = %s LIMIT 1"
-    )
+    return client_row(server_pk=server.pk, client_id=client_id)
 
 
 def _with_server(client: Client | None, server: McpServer) -> Client | None:

@@ -41,6 +41,7 @@ from oauthproxy.console.servers import destination_rule_audit, server_delete, se
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.destinations import server_destination_policy, user_destination_policy
 from oauthproxy.core.exceptions import OAuthError
+from oauthproxy.core.public_url import public_url_mismatch, request_origin
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage, quota_usage_many
 from oauthproxy.grants.revocation import sessions_revoke
@@ -340,7 +341,7 @@ class McpServerAdmin(TeamScopedAdmin):
             server_delete(server=server, actor=request.user)
 
     def get_urls(self):
-        wrap = self.admin_site.admin_view
+        wrap = self._server_page
         return [
             path("discover/", wrap(self.discover_view), name="oauthproxy_mcpserver_discover_new"),
             path("<path:object_id>/discover/", wrap(self.discover_view), name="oauthproxy_mcpserver_discover"),
@@ -356,6 +357,35 @@ class McpServerAdmin(TeamScopedAdmin):
 
     def _change_url(self, server) -> str:
         return reverse("admin:oauthproxy_mcpserver_change", args=[server.pk])
+
+    # Every server page warns when it is browsed from a host other than PUBLIC_BASE_URL's.
+
+    def _server_page(self, view):
+        def page(request, *args, **kwargs):
+            self._public_url_warn(request)
+            return view(request, *args, **kwargs)
+
+        return self.admin_site.admin_view(page)
+
+    def _public_url_warn(self, request) -> None:
+        if request.method == "GET" and (mismatch := public_url_mismatch(origin=request_origin(request))):
+            self.message_user(request, mismatch, messages.WARNING)
+
+    def changelist_view(self, request, extra_context=None):
+        self._public_url_warn(request)
+        return super().changelist_view(request, extra_context)
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        self._public_url_warn(request)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        self._public_url_warn(request)
+        return super().delete_view(request, object_id, extra_context)
+
+    def history_view(self, request, object_id, extra_context=None):
+        self._public_url_warn(request)
+        return super().history_view(request, object_id, extra_context)
 
     def discover_view(self, request, object_id=None):
         server = self.visible_object_or_404(request, object_id) if object_id else None
@@ -415,7 +445,8 @@ class McpServerAdmin(TeamScopedAdmin):
         server = self.visible_object_or_404(request, object_id)
         if not self.has_change_permission(request, server):
             raise PermissionDenied
-        checks = [server_connection_check(server=server)] if request.method == "POST" else []
+        checks = [server_connection_check(server=server, request_origin=request_origin(request))
+                  ] if request.method == "POST" else []
         return self.render_page(request, "admin/oauthproxy/mcpserver/check.html", {
             "title": f"Connection check: {server}",
             "checks": checks,
@@ -488,7 +519,8 @@ class McpServerAdmin(TeamScopedAdmin):
     def check_connection(self, request, queryset):
         return self.render_page(request, "admin/oauthproxy/mcpserver/check.html", {
             "title": "Connection check",
-            "checks": [server_connection_check(server=server) for server in queryset[:20]],
+            "checks": [server_connection_check(server=server, request_origin=request_origin(request))
+                       for server in queryset[:20]],
         })
 
     @admin.action(description="Revoke all sessions of the selected servers", permissions=["revoke"])

@@ -34,6 +34,7 @@ from oauthproxy.console.servers import destination_rule_audit, server_delete, se
 from oauthproxy.core.destinations import server_destination_policy, user_destination_policy
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.http import DestinationPattern
+from oauthproxy.core.public_url import request_origin
 from oauthproxy.core.servers import servers_visible_to
 from oauthproxy.grants.quotas import quota_usage_many
 from oauthproxy.grants.revocation import sessions_revoke
@@ -372,7 +373,8 @@ class ServerViewSet(ManagementViewSet):
     )
     @action(detail=True, methods=["post"])
     def check(self, request, slug=None):
-        return Response(ConnectionCheckOutput(server_connection_check(server=self.get_object())).data)
+        check = server_connection_check(server=self.get_object(), request_origin=request_origin(request))
+        return Response(ConnectionCheckOutput(check).data)
 
     @extend_schema(summary="Revoke all sessions of this server (upstream too)", request=ReasonInput,
                    responses=RevokedOutput)

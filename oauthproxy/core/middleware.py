@@ -1,16 +1,17 @@
 """Turn a database outage into a clear 503 instead of Django's 500 page (DESIGN §5.12).
 
-Only connection-level failures (``OperationalError``, ``InterfaceError``: database down, restarting, out
-of connection slots) are caught; other database errors are bugs and stay 500s. The gateway has its own
+Only a database that cannot be reached (down, restarting, out of connection slots, SQLite busy:
+``db.errors.database_unreachable``) is answered so; other database errors are bugs and stay 500s with
+their traceback in the log (SQLite reports a syntax error as ``OperationalError`` too). The gateway has its own
 handling (cached tokens keep working while the database is away).
 """
 
 import logging
 
-from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse
 
 from oauthproxy.core.exceptions import TemporarilyUnavailable, oauth_error_response
+from oauthproxy.db.errors import database_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class DatabaseUnavailableMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request, exception):
-        if not isinstance(exception, (OperationalError, InterfaceError)):
+        if not database_unreachable(exception):
             return None
         return database_unavailable_response(request, exception)
 

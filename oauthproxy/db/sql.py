@@ -8,14 +8,27 @@ stamps, checksums, encryption, JSON, UUIDs), so what lands in the database is th
 what these models do not use: ``pre_save``/``post_save`` signals and model validation (as with ``save()``).
 
 Use them for the few writes that run on every token request; everything else stays plain ORM.
+
+These statements are PostgreSQL's (several rows in one statement through data-modifying ``WITH``). On any
+other database (SQLite under ``make run``) each function takes its portable path instead: the same rows
+written through the ORM inside one transaction, chosen by ``fast_path()`` (the connection's vendor). Both
+paths send ``post_save`` for the rows they write, so the per-process caches that listen to it
+(``core.caching``) stay right whichever path ran.
 """
 
 from __future__ import annotations
 
 from functools import cache
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Field, Model
+from django.db.models.signals import post_save
+
+
+def fast_path() -> bool:
+    """True on PostgreSQL, where the hand-written statements of ``oauthproxy.db`` run; elsewhere the
+    portable ORM path runs."""
+    return connection.vendor == "postgresql"
 
 
 def insert_fields(model: type[Model]) -> tuple[Field, ...]:
@@ -34,12 +47,22 @@ def db_values(fields: tuple[Field, ...], instance: Model, *, add: bool) -> list:
     return [field.get_db_prep_save(field.pre_save(instance, add), connection) for field in fields]
 
 
-def saved(instance: Model, pk=None) -> None:
-    """Mark *instance* as a row of the database (after an INSERT done here)."""
+def saved(instance: Model, pk=None, *, created: bool = True, update_fields: tuple[str, ...] | None = None) -> None:
+    """Mark *instance* as a row of the database (after a statement written here) and send ``post_save``
+    as ``save()`` would (a no-op for models nothing listens to)."""
     if pk is not None:
         instance.pk = pk
     instance._state.adding = False
     instance._state.db = connection.alias
+    post_save.send(
+        sender=type(instance), instance=instance, created=created,
+        update_fields=frozenset(update_fields) if update_fields else None, raw=False, using=connection.alias,
+    )
+
+
+def orm_insert(instance: Model) -> None:
+    """The portable INSERT of a new row: ``save()`` (with its ``post_save``)."""
+    instance.save(force_insert=True)
 
 
 def select_list(model: type[Model], alias: str) -> str:
@@ -90,6 +113,9 @@ def _readers(model: type[Model]) -> tuple[list[str], list[tuple[int, list]]]:
 
 def row_insert(instance: Model) -> None:
     """INSERT *instance* (a new row) and set its primary key."""
+    if not fast_path():
+        orm_insert(instance)
+        return
     sql, fields = _insert_statement(type(instance))
     returns_pk = type(instance)._meta.pk.db_returning
     with connection.cursor() as cursor:
@@ -103,6 +129,14 @@ def rows_insert(first: Model, *dependents: tuple[Model, str | None]) -> None:
     field *link* is set to *first* (e.g. a client and the audit event of its registration; ``None``: a row
     written alongside, not linked). One statement is atomic on its own: no transaction needed, one round
     trip."""
+    if not fast_path():
+        with transaction.atomic():
+            orm_insert(first)
+            for instance, link in dependents:
+                if link is not None:
+                    setattr(instance, link, first)
+                orm_insert(instance)
+        return
     models = (type(first), *(type(instance) for instance, _link in dependents))
     sql, field_lists = _linked_insert_statement(models, tuple(link for _instance, link in dependents))
     params = db_values(field_lists[0], first, add=True)
@@ -121,6 +155,12 @@ def rows_insert(first: Model, *dependents: tuple[Model, str | None]) -> None:
 def row_update(instance: Model, field_names: tuple[str, ...], *, inserting: tuple[Model, ...] = ()) -> None:
     """UPDATE the columns of *field_names* of *instance*'s row (``save(update_fields=...)``), and INSERT the
     new rows of *inserting* in the same statement (e.g. the audit event of the change)."""
+    if not fast_path():
+        with transaction.atomic():
+            for row in inserting:
+                orm_insert(row)
+            instance.save(update_fields=field_names)
+        return
     sql, fields, insert_field_lists = _update_statement(
         type(instance), field_names, tuple(type(row) for row in inserting)
     )
@@ -131,6 +171,7 @@ def row_update(instance: Model, field_names: tuple[str, ...], *, inserting: tupl
         cursor.execute(sql, [*params, *db_values(fields, instance, add=False), instance.pk])
     for row in inserting:
         saved(row)
+    saved(instance, created=False, update_fields=field_names)
 
 
 @cache

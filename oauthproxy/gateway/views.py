@@ -20,6 +20,7 @@ from oauthproxy.core import metrics
 from oauthproxy.core.asgi import BodyTooLarge
 from oauthproxy.core.exceptions import OAuthError, oauth_error_response
 from oauthproxy.core.invalidation import invalidation_listen_ensure
+from oauthproxy.db.errors import database_unreachable
 from oauthproxy.gateway.auth import bearer_challenge, gateway_token_authenticate
 from oauthproxy.gateway.forwarding import (
     ForwardedResponse,
@@ -81,7 +82,9 @@ async def gateway_handle(
     invalidation_listen_ensure()  # revocations from other processes (a flag check once started)
     try:
         result = await _handle(request, slug, read_body or (lambda limit: _django_body(request, limit)))
-    except DatabaseError:
+    except DatabaseError as exc:
+        if not database_unreachable(exc):
+            raise  # a bug, not an outage: a 500 with its traceback
         # Only cache misses reach the database: cached tokens keep working while it is away.
         logger.exception("gateway %s: database unavailable", slug)
         result = jsonrpc_response(503, "The gateway is temporarily unavailable; try again shortly.")

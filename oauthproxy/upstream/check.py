@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 from oauthproxy.core.crypto import pkce_s256_challenge
 from oauthproxy.core.destinations import server_destination_policy
 from oauthproxy.core.http import OutboundError
+from oauthproxy.core.public_url import public_url_mismatch
 from oauthproxy.models import McpServer
 from oauthproxy.upstream.client import (
     DiscoveryError,
@@ -187,9 +188,14 @@ def _check_reachable(name: str, url: str, *, server: McpServer, blocking: bool =
     return CheckResult(name, OK, f"Reachable (HTTP {status}).")
 
 
-def server_connection_check(*, server: McpServer) -> ConnectionCheck:
-    """Check a saved server against its upstream without a user. Nothing is changed anywhere."""
+def server_connection_check(*, server: McpServer, request_origin: str | None = None) -> ConnectionCheck:
+    """Check a saved server against its upstream without a user. Nothing is changed anywhere.
+    *request_origin*: where the admin or API client reached the proxy; a host other than PUBLIC_BASE_URL's
+    is a problem (clients and the upstream's redirect are sent to PUBLIC_BASE_URL)."""
     check = ConnectionCheck(server=server, callback_url=server.callback_url)
+    mismatch = public_url_mismatch(origin=request_origin) if request_origin else None
+    if mismatch:
+        check.results.append(CheckResult("Public URL", ERROR, mismatch))
     check.results.append(CheckResult(
         "Callback URL", INFO, f"Whitelist {server.callback_url} as a redirect URI of the upstream client."
     ))

@@ -1,4 +1,4 @@
-"""``make test``: PostgreSQL, fast hashers, loopback CIMD allowed."""
+"""``make test``: PostgreSQL (or SQLite with ``DATABASE_URL=sqlite://``), fast hashers, loopback CIMD allowed."""
 
 import os
 
@@ -18,8 +18,10 @@ DATABASES = {
         os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/oauthproxy"),
     )
 }
-# One test database per test run, so concurrent runs on one machine never drop each other's database.
-DATABASES["default"]["TEST"] = {"NAME": f"test_oauthproxy_{os.getpid()}"}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # One test database per test run, so concurrent runs on one machine never drop each other's database.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_oauthproxy_{os.getpid()}"}
+# (SQLite: Django's in-memory test database, private to the test process.)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher", "oauthproxy.core.hashers.GeneratedSecretHasher"]
 # No listener thread holding a connection to the test database (tests that need it turn it on); loopback
 # upstreams and internal servers (the tests' listeners) allowed (tests of the destination policy turn it off).

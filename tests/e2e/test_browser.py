@@ -35,6 +35,7 @@ CHROMIUM, CHROMIUM_ARGS = harness.CHROMIUM, harness.CHROMIUM_ARGS
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
     pytest.mark.skipif(not harness.node_available(), reason="e2e upstream not installed: run tests/e2e/install.sh"),
     pytest.mark.skipif(async_playwright is None, reason="playwright is not installed (pip install -e '.[e2e]')"),
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's Chromium is missing: apt-get install chromium"),

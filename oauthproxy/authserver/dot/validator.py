@@ -33,14 +33,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import cache
 from urllib.parse import unquote_plus
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from django.db import connection
 from django.utils import timezone
 from oauth2_provider.models import set_token_value
 from oauth2_provider.oauth2_validators import OAuth2Validator
@@ -55,7 +53,6 @@ from oauthproxy.authserver.client_auth import (
     client_assertion_authenticate,
     client_assertion_subject,
 )
-from oauthproxy.authserver.dot.rotation import rotation_write
 from oauthproxy.authserver.known_clients import client_row_admitted
 from oauthproxy.core.audit import audit_event
 from oauthproxy.core.crypto import token_checksum
@@ -70,7 +67,8 @@ from oauthproxy.core.exceptions import (
     UpstreamError,
 )
 from oauthproxy.core.settings import proxy_settings
-from oauthproxy.db.sql import rows_insert, rows_read, select_list
+from oauthproxy.db.sql import rows_insert
+from oauthproxy.db.tokens import refresh_session_locked, refresh_token_read, rotation_write
 from oauthproxy.grants.sessions import UpstreamSessionEnded, upstream_session_ensure_fresh
 from oauthproxy.models import AccessToken, AuditEvent, Client, Grant, McpServer, RefreshToken, UpstreamSession
 
@@ -406,14 +404,10 @@ class ProxyOAuth2Validator(OAuth2Validator):
         # Every rotation, upstream refresh and revocation of a session takes its row lock first, so
         # concurrent duplicates queue here and cannot deadlock with a revocation. The refresh token is read
         # after the lock is granted, so a duplicate that waited sees the first one's rotation.
-        session = next(iter(rows_read(UpstreamSession, _session_lock_sql(), [checksum, client.pk])), None)
+        session = refresh_session_locked(checksum=checksum, client_pk=client.pk)
         if session is None:
             return False
-        refresh = next(
-            iter(rows_read(RefreshToken, _refresh_token_sql(), [checksum, client.pk, session.pk],
-                           extra=("access_token_scope",))),
-            None,
-        )
+        refresh = refresh_token_read(checksum=checksum, client_pk=client.pk, session_pk=session.pk)
         if refresh is None:
             return False
         self.outcome.session = session
@@ -564,39 +558,3 @@ class ProxyOAuth2Validator(OAuth2Validator):
             else:
                 row.revoke()
             return
-
-
-# The two reads of every refresh, written once here instead of compiled by the ORM on each request (the
-# compilation cost as much as the queries; docs/PERFORMANCE.md finding 4). Tables and columns come from the
-# models' metadata.
-
-
-@cache
-def _session_lock_sql() -> str:
-    """The upstream session of a refresh token (by checksum, for a client), row-locked."""
-    quote = connection.ops.quote_name
-    refresh = RefreshToken._meta
-    session_id, client_id = (quote(refresh.get_field(name).column) for name in ("upstream_session", "application"))
-    return (
-        f"SELECT {select_list(UpstreamSession, 's')} FROM {quote(UpstreamSession._meta.db_table)} s"  # noqa: S608
-        f" JOIN {quote(refresh.db_table)} r ON r.{session_id} = s.{quote('id')}"
-        f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s"
-        " LIMIT 1 FOR NO KEY UPDATE OF s"
-    )
-
-
-@cache
-def _refresh_token_sql() -> str:
-    """A refresh token (by checksum, for a client and session) with the scope of its access token as
-    ``access_token_scope``."""
-    quote = connection.ops.quote_name
-    refresh = RefreshToken._meta
-    session_id, client_id, access_id = (
-        quote(refresh.get_field(name).column) for name in ("upstream_session", "application", "access_token")
-    )
-    return (
-        f"SELECT {select_list(RefreshToken, 'r')}, a.{quote('scope')} FROM {quote(refresh.db_table)} r"  # noqa: S608
-        f" LEFT JOIN {quote(AccessToken._meta.db_table)} a ON a.{quote('id')} = r.{access_id}"
-        f" WHERE r.{quote('token_checksum')} = %s AND r.{client_id} = %s AND r.{session_id} = %s LIMIT 1"
-    )
-
