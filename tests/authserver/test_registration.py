@@ -85,9 +85,10 @@ def bearer(token: str) -> dict:
 
 
 def raw_client_row(pk) -> str:
+    """The client's row as stored, every column as text (what a copy of the database holds)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT row_to_json(c)::text FROM oauthproxy_client c WHERE id = %s", [pk])
-        return cursor.fetchone()[0]
+        cursor.execute("SELECT * FROM oauthproxy_client WHERE id = %s", [pk])
+        return " ".join(str(value) for value in cursor.fetchone())
 
 
 @pytest.mark.django_db
@@ -584,6 +585,8 @@ class TestLimits:
                 registered(client)
         statements = [q["sql"] for q in queries.captured_queries]
         assert not [sql for sql in statements if "COUNT(" in sql.upper() or sql.startswith("SELECT")]
+        if connection.vendor != "postgresql":
+            return  # elsewhere the client and its audit event are two INSERTs (oauthproxy.db.sql)
         # Per registration one statement, writing the client and its audit event.
         assert len(statements) == 5
         assert all('INSERT INTO "oauthproxy_client"' in sql and 'INSERT INTO "oauthproxy_auditevent"' in sql

@@ -551,6 +551,7 @@ class TestRefresh:
                              HTTP_AUTHORIZATION=basic_auth(client.client_id, "wrong"))
         assert_error(response, 401, "invalid_client")
 
+    @pytest.mark.postgres  # the count of PostgreSQL's statements (oauthproxy.db); elsewhere the ORM writes
     def test_refresh_path_stays_a_few_queries(self, http, server, mcp_client, django_assert_max_num_queries):
         tokens = issue_tokens(http, server, mcp_client)
         refresh(http, server, mcp_client, tokens["refresh_token"])  # warm: last_used stamped
@@ -802,6 +803,7 @@ class TestBadInput:
 # -- concurrency on PostgreSQL (DESIGN §5.8, §4) ---------------------------------------------------
 
 
+@pytest.mark.postgres  # row locks
 @pytest.mark.django_db(transaction=True)
 class TestConcurrency:
     def test_exactly_one_of_parallel_code_redemptions_wins(self, server):
