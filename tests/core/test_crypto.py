@@ -14,8 +14,13 @@ SECRET = "upstream-secret-value-123"
 
 def raw_secret_column(server) -> str:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT client_secret FROM oauthproxy_mcpserver WHERE id = %s", [server.pk])
+        cursor.execute("SELECT client_secret FROM oauthproxy_mcpserver WHERE id = %s", [db_pk(server)])
         return cursor.fetchone()[0]
+
+
+def db_pk(server):
+    """The primary key as the database stores it (a UUID is text on SQLite)."""
+    return McpServer._meta.pk.get_db_prep_value(server.pk, connection)
 
 
 def new_key() -> str:
@@ -38,7 +43,7 @@ class TestEncryptedSecret:
         with connection.cursor() as cursor:
             cursor.execute(
                 "UPDATE oauthproxy_mcpserver SET client_secret = %s WHERE id = %s",
-                [raw_secret_column(server), other.pk],
+                [raw_secret_column(server), db_pk(other)],
             )
         with pytest.raises(crypto.DecryptionError):
             McpServer.objects.get(pk=other.pk).client_secret  # noqa: B018

@@ -64,6 +64,7 @@ def test_a_rotation_retires_the_old_pair_and_links_the_new_one(client, server):
     assert new_access.scope == first["scope"] == second["scope"]
 
 
+@pytest.mark.postgres  # rows_read serves the PostgreSQL statements only
 def test_rows_read_builds_the_instances_the_orm_builds(server):
     from django.db import connection
 
@@ -83,6 +84,7 @@ def test_rows_read_builds_the_instances_the_orm_builds(server):
     assert not read._state.adding
 
 
+@pytest.mark.postgres  # one statement on PostgreSQL; elsewhere one INSERT per row (tests/db/test_paths.py)
 def test_rows_insert_writes_a_row_and_the_rows_that_point_at_it_in_one_statement(server, django_assert_num_queries):
     from oauthproxy.db.sql import rows_insert
     from oauthproxy.models import Client

@@ -161,10 +161,13 @@ def test_database_outage_cached_tokens_keep_working_others_get_503(gateway, gate
         assert post(gateway_url(), gateway.auth, http).status_code == 200
         # The database goes away: new connections (the gateway's worker threads open one per cache
         # miss) fail; the connection of this test's own thread stays usable for the teardown.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            closed_port = sock.getsockname()[1]
-        monkeypatch.setitem(connections.settings["default"], "PORT", closed_port)
+        if connections["default"].vendor == "postgresql":
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                closed_port = sock.getsockname()[1]
+            monkeypatch.setitem(connections.settings["default"], "PORT", closed_port)
+        else:  # SQLite: a database file that cannot be opened
+            monkeypatch.setitem(connections.settings["default"], "NAME", "/nonexistent-directory/db.sqlite3")
         assert post(gateway_url(), gateway.auth, http).status_code == 200
         unknown = post(gateway_url(), {"Authorization": "Bearer another-token-not-in-the-cache"}, http)
     assert unknown.status_code == 503

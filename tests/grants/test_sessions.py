@@ -170,6 +170,7 @@ def slow_upstream(request):
     return 200, {}, json.dumps({"access_token": "at-once", "refresh_token": "rt-once", "expires_in": 300})
 
 
+@pytest.mark.postgres  # row locks
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_callers_refresh_once(server):
     client = make_client(server)
@@ -186,6 +187,7 @@ def test_concurrent_callers_refresh_once(server):
     assert results == ["at-once"] * 6
 
 
+@pytest.mark.postgres  # row locks
 @pytest.mark.django_db(transaction=True)
 def test_upstream_refresh_does_not_block_other_work_of_the_server(server):
     """While one session waits for the upstream, another client of the same server can still be recorded."""
