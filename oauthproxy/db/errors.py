@@ -15,7 +15,10 @@ from django.db import InterfaceError, OperationalError
 # SQLSTATE classes and codes of an unreachable PostgreSQL: 08 connection exception; 57P01-57P03 admin or
 # crash shutdown, cannot connect now; 53300 too many connections.
 _POSTGRESQL_UNREACHABLE = ("08", "57P01", "57P02", "57P03", "53300")
-_SQLITE_UNREACHABLE = ("unable to open database file", "database is locked", "disk i/o error")
+# SQLite's result codes (extended codes start with these): busy or locked by another writer, cannot open the
+# file, I/O error; the messages for drivers that do not expose the code.
+_SQLITE_UNREACHABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR")
+_SQLITE_UNREACHABLE_MESSAGES = ("unable to open database file", "database is locked", "disk i/o error")
 
 
 def database_unreachable(exc: BaseException) -> bool:
@@ -30,5 +33,7 @@ def database_unreachable(exc: BaseException) -> bool:
         return sqlstate.startswith(_POSTGRESQL_UNREACHABLE)
     module = type(cause).__module__ if cause is not None else ""
     if module.startswith("sqlite3"):
-        return str(cause).lower().startswith(_SQLITE_UNREACHABLE)
+        if code := getattr(cause, "sqlite_errorname", ""):
+            return code.startswith(_SQLITE_UNREACHABLE)
+        return str(cause).lower().startswith(_SQLITE_UNREACHABLE_MESSAGES)
     return True  # no SQLSTATE: the driver failed before the server answered (connecting, connection lost)

@@ -78,3 +78,20 @@ def test_a_syntax_error_at_an_endpoint_is_a_500_with_its_traceback_logged(server
     assert "Retry-After" not in response.headers
     logged = [record for record in caplog.records if record.exc_info]
     assert logged and "SELEC" in logged[-1].getMessage() + str(logged[-1].exc_info[1])
+
+
+def test_sqlite_answers_are_judged_by_their_result_code(tmp_path):
+    import sqlite3
+
+    def failed(sql: str, path: str) -> OperationalError:
+        try:
+            sqlite3.connect(path).execute(sql)
+        except sqlite3.OperationalError as cause:
+            error = OperationalError(str(cause))
+            error.__cause__ = cause
+            return error
+        raise AssertionError("the statement ran")
+
+    assert database_unreachable(failed("SELECT 1", str(tmp_path / "missing-directory" / "db.sqlite3")))
+    assert not database_unreachable(failed("SELEC 1", ":memory:"))
+    assert not database_unreachable(failed("SELECT * FROM no_such_table", ":memory:"))
