@@ -591,7 +591,8 @@ class SessionOutput(serializers.ModelSerializer):
 
 class SessionFilter(filters.FilterSet):
     server = filters.CharFilter(field_name="server__slug")
-    client = filters.NumberFilter(field_name="client_id")
+    # A client id in range: an out-of-range number is a 400, not an overflow in the database driver (SQLite).
+    client = filters.NumberFilter(field_name="client_id", min_value=1, max_value=2**62)
     client_id = filters.CharFilter(field_name="client__client_id")
     subject = filters.CharFilter()
     active = filters.BooleanFilter(field_name="revoked_at", lookup_expr="isnull")

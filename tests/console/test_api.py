@@ -455,3 +455,9 @@ def test_schema_and_docs_are_served(client):
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     assert "swagger-ui" in docs.content.decode() and "cdn" not in docs.content.decode().lower()
+
+
+@pytest.mark.django_db
+def test_an_out_of_range_client_filter_is_a_400_on_every_database(alice):
+    response = api_as(alice).get(f"{API}/sessions/", {"client": str(2**70)})
+    assert response.status_code == 400
