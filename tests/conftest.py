@@ -2,6 +2,7 @@ import pytest
 import responses
 from django.conf import settings
 
+from oauthproxy.authserver.tokens import _recently_touched
 from oauthproxy.core.caching import client_cache_clear, server_cache_clear
 from oauthproxy.models import McpServer
 
@@ -39,12 +40,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _per_process_caches_cleared():
-    """Each test's database is rolled back; a server or client cached by an earlier test must not outlive it."""
+    """Each test's database is rolled back; a server or client cached by an earlier test must not outlive it
+    (nor the record of a row's ``last_used`` stamp: SQLite hands a rolled-back primary key out again)."""
     server_cache_clear()
     client_cache_clear()
+    _recently_touched.clear()
     yield
     server_cache_clear()
     client_cache_clear()
+    _recently_touched.clear()
 
 
 @pytest.fixture

@@ -298,6 +298,7 @@ class TestStateChecks:
         assert_nothing_issued()
 
 
+@pytest.mark.postgres  # concurrent writers
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_callbacks_with_one_state_complete_once(server):
     mcp_client = make_client(server)
