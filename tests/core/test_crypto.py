@@ -81,6 +81,7 @@ def test_rotation_re_encrypts_under_newest_key(server, settings, capsys):
     assert raw_secret_column(server) == rotated
 
 
+@pytest.mark.postgres  # concurrent writers: row locks
 @pytest.mark.django_db(transaction=True)
 def test_rotation_keeps_an_upstream_refresh_made_during_the_run(server, settings, upstream):
     """Issue 13, finding 6: the command used to read rows without a lock and write them later, so an

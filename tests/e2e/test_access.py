@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover
     from tests.e2e.harness import AuthorizationFailed, find_exception, tool_text
 
 pytestmark = [
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
     pytest.mark.e2e,
     pytest.mark.skipif(not harness.node_available(), reason="e2e upstream not installed: run tests/e2e/install.sh"),
 ]

@@ -30,6 +30,7 @@ CHROMIUM, CHROMIUM_ARGS = harness.CHROMIUM, harness.CHROMIUM_ARGS
 TIMEOUT_MS = 20_000
 
 pytestmark = [
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
     pytest.mark.e2e,
     pytest.mark.skipif(async_playwright is None, reason="playwright is not installed (pip install -e '.[e2e]')"),
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's Chromium is missing: apt-get install chromium"),

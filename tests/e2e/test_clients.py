@@ -15,6 +15,7 @@ import uuid
 import anyio
 import httpx
 import jwt
+import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
@@ -26,6 +27,12 @@ except ImportError:  # pragma: no cover
     from tests.e2e import harness
     from tests.e2e import proxy as proxy_helpers
     from tests.e2e.harness import tool_text
+
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
+]
 
 
 def test_metadata_document_client_with_private_key_jwt(make_stack):

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover
     from tests.e2e.harness import bearer_of, sleep_until, tool_text
 
 pytestmark = [
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
     pytest.mark.e2e,
     pytest.mark.skipif(not harness.node_available(), reason="e2e upstream not installed: run tests/e2e/install.sh"),
 ]

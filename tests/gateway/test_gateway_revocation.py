@@ -41,6 +41,7 @@ def test_a_disabled_client_is_refused_on_the_next_request(gateway, gateway_url, 
     assert status(gateway_url(), gateway) == 401
 
 
+@pytest.mark.postgres  # LISTEN/NOTIFY
 def test_another_process_forgets_an_ended_session_within_a_second(gateway, gateway_url, settings):
     settings.OAUTHPROXY = {**settings.OAUTHPROXY, "INVALIDATION_LISTEN": True}
     invalidation_listen_ensure()
