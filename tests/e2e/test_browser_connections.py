@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - the e2e extra is not installed
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
     pytest.mark.skipif(not harness.node_available(), reason="e2e upstream not installed: run tests/e2e/install.sh"),
     pytest.mark.skipif(async_playwright is None, reason="playwright is not installed (pip install -e '.[e2e]')"),
     pytest.mark.skipif(not os.path.exists(harness.CHROMIUM), reason="Debian's Chromium is missing"),

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.postgres,  # PostgreSQL deployments: run once, in the PostgreSQL pass of `make test`
     pytest.mark.skipif(not harness.node_available(), reason="e2e upstream not installed: run tests/e2e/install.sh"),
 ]
 
