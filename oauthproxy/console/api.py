@@ -752,12 +752,20 @@ class DestinationRuleDocument(serializers.ModelSerializer):
         model = DestinationRule
         fields = ("id", "team", "pattern", "note", "created")
         read_only_fields = ("id", "created")
+        validators: list = []  # the one uniqueness rule is validate() below (a missing team means every team)
 
     def validate_pattern(self, value: str) -> str:
         try:
             return DestinationPattern.parse(value).text
         except ValueError as exc:
             raise ApiValidationError(str(exc))
+
+    def validate(self, attrs: dict) -> dict:
+        team = attrs.get("team")
+        if DestinationRule.objects.filter(team=team, pattern=attrs["pattern"]).exists():
+            whose = f"team {team.name}" if team else "every team"
+            raise ApiValidationError({"pattern": [f"{attrs['pattern']} is already allowed for {whose}."]})
+        return attrs
 
 
 @extend_schema_view(

@@ -29,7 +29,18 @@ class Migration(migrations.Migration):
             ],
             options={
                 'ordering': ['team__name', 'pattern'],
-                'constraints': [models.UniqueConstraint(fields=('team', 'pattern'), name='destination_rule_team_pattern', nulls_distinct=False)],
+                'constraints': [
+                    models.UniqueConstraint(
+                        condition=models.Q(('team__isnull', False)),
+                        fields=('team', 'pattern'),
+                        name='destination_rule_team_pattern',
+                    ),
+                    models.UniqueConstraint(
+                        condition=models.Q(('team__isnull', True)),
+                        fields=('pattern',),
+                        name='destination_rule_every_team_pattern',
+                    ),
+                ],
             },
         ),
     ]

@@ -32,8 +32,14 @@ class DestinationRule(models.Model):
     class Meta:
         ordering = ["team__name", "pattern"]
         constraints = [
-            models.UniqueConstraint(fields=["team", "pattern"], name="destination_rule_team_pattern",
-                                    nulls_distinct=False),
+            # One rule per (team, pattern), and one per pattern among the every-team rules (two partial
+            # indexes: SQLite has no NULLS NOT DISTINCT).
+            models.UniqueConstraint(
+                fields=["team", "pattern"], condition=models.Q(team__isnull=False), name="destination_rule_team_pattern"
+            ),
+            models.UniqueConstraint(
+                fields=["pattern"], condition=models.Q(team__isnull=True), name="destination_rule_every_team_pattern"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -207,3 +207,19 @@ def test_a_management_command_is_trusted_like_a_superuser(team_b):
                        client_id="c", client_secret="s")
     server_save(server=server, actor=None)
     assert "http://127.0.0.1:9" in server.trusted_origins
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("with_team", [False, True], ids=["every-team", "one-team"])
+def test_a_duplicate_destination_rule_is_a_400_not_a_500(with_team):
+    """One rule per (team, pattern), a rule for every team included, on PostgreSQL and SQLite alike."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(User.objects.create_superuser("platform", password="pw"))
+    body = {"pattern": "*.corp.example", "team": Group.objects.create(name="team-dup").name if with_team else None}
+    assert api.post("/api/v1/destination-rules/", body, format="json").status_code == 201
+    second = api.post("/api/v1/destination-rules/", body, format="json")
+    assert second.status_code == 400
+    assert "already allowed" in second.json()["pattern"][0]
+    assert DestinationRule.objects.count() == 1
