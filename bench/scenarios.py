@@ -213,6 +213,12 @@ async def s7(b: Bench, *, concurrencies: tuple[int, ...] = (1, 16)) -> dict[str,
     gateway and direct calls, interleaved per repeat like S1 (each variant is its own server of the same
     deployment, in front of the same internal server)."""
     targets = ["direct", "gateway", *VARIANT_SLUGS]
+    runs = await echo_runs(b, targets, concurrencies, label="S7")
+    return {"runs": runs, "summary": summarize_echo(runs, concurrencies, targets)}
+
+
+async def echo_runs(b: Bench, targets: list[str], concurrencies: tuple[int, ...], *, label: str) -> list[dict]:
+    """Each repeat runs every target back to back at each concurrency (grants made first)."""
     runs = []
     for c in concurrencies:
         for t in targets:
@@ -223,8 +229,11 @@ async def s7(b: Bench, *, concurrencies: tuple[int, ...] = (1, 16)) -> dict[str,
                 stats = await b.echo_run(t, c)
                 entry = _run_entry(t, c, rep, stats)
                 runs.append(entry)
-                b.log(f"  S7 c={c} rep={rep} {t:20s} {entry['rate']:8.1f}/s p50 {entry['p50_ms']:7.2f} ms")
-    return {"runs": runs, "summary": summarize_echo(runs, concurrencies, targets)}
+                b.log(
+                    f"  {label} c={c} rep={rep} {t:20s} {entry['rate']:8.1f}/s p50 {entry['p50_ms']:7.2f} ms "
+                    f"p99 {entry['p99_ms']:8.2f} ms err {entry['errors']}"
+                )
+    return runs
 
 
 def _run_entry(target: str, concurrency: int, repeat: int, stats: RunStats) -> dict[str, Any]:
@@ -281,20 +290,7 @@ def summarize_echo(runs: list[dict[str, Any]], concurrencies: tuple[int, ...], t
 
 async def s1(b: Bench, *, concurrencies: tuple[int, ...] = (1, 16), check_hot_path: bool = True) -> dict[str, Any]:
     targets = [t for t in b.targets() if t not in VARIANT_SLUGS]
-    runs = []
-    for c in concurrencies:
-        for t in targets:
-            if t != "direct":
-                await b.grants_for(t, c)
-        for rep in range(b.mode.repeats):
-            for t in targets:
-                stats = await b.echo_run(t, c)
-                entry = _run_entry(t, c, rep, stats)
-                runs.append(entry)
-                b.log(
-                    f"  S1 c={c} rep={rep} {t:16s} {entry['rate']:8.1f}/s p50 {entry['p50_ms']:7.2f} ms "
-                    f"p99 {entry['p99_ms']:8.2f} ms err {entry['errors']}"
-                )
+    runs = await echo_runs(b, targets, concurrencies, label="S1")
     result = {"runs": runs, "summary": summarize_echo(runs, concurrencies, targets)}
     if check_hot_path:
         result["hot_path"] = await hot_path_check(b)
