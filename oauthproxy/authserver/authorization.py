@@ -519,6 +519,23 @@ def _quota_consume(pending: PendingAuthorization) -> None:
                             issuer=server.issuer_url)
 
 
+def upstream_signin_start(*, server: McpServer, **purpose) -> tuple[str, str]:
+    """A sign-in at the upstream without an MCP client (Try it: ``tester=``; My connections:
+    ``for_connections=True``): ``(upstream authorization URL, browser key)``; only the key's checksum is
+    stored, the key goes into the starting browser's cookie."""
+    now = timezone.now()
+    browser_key = browser_key_new()
+    pending = PendingAuthorization(
+        server=server,
+        browser_key_checksum=token_checksum(browser_key),
+        redirect_uri="",
+        scope=" ".join(server.scopes or []),
+        expires_at=now,  # set with the state
+        **purpose,
+    )
+    return upstream_redirect_prepare(pending, now=now), browser_key
+
+
 def upstream_redirect_prepare(pending: PendingAuthorization, *, now: datetime) -> str:
     """Approve ``pending`` for the trip upstream: a random single-use state (stored as its checksum only,
     short-lived) and the proxy's own PKCE verifier; save it and answer the upstream authorization URL."""

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from django.urls import reverse
 from django.utils import timezone
 
-from oauthproxy.authserver.authorization import browser_key_is_valid, browser_key_new, upstream_redirect_prepare
+from oauthproxy.authserver.authorization import browser_key_is_valid, upstream_signin_start
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.crypto import token_checksum as checksum
 from oauthproxy.core.exceptions import AccessDenied, InvalidRequest, UpstreamError
@@ -71,17 +71,7 @@ class Connection:
 
 
 def connections_signin_start(*, server: McpServer) -> ConnectionsStart:
-    now = timezone.now()
-    browser_key = browser_key_new()
-    pending = PendingAuthorization(
-        server=server,
-        for_connections=True,
-        browser_key_checksum=checksum(browser_key),
-        redirect_uri="",
-        scope=" ".join(server.scopes or []),
-        expires_at=now,  # set with the state
-    )
-    url = upstream_redirect_prepare(pending, now=now)
+    url, browser_key = upstream_signin_start(server=server, for_connections=True)
     return ConnectionsStart(url=url, browser_key=browser_key)
 
 

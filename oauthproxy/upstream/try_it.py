@@ -26,11 +26,7 @@ from dataclasses import asdict, dataclass, field
 from django.urls import reverse
 from django.utils import timezone
 
-from oauthproxy.authserver.authorization import (
-    browser_key_is_valid,
-    browser_key_new,
-    upstream_redirect_prepare,
-)
+from oauthproxy.authserver.authorization import browser_key_is_valid, upstream_signin_start
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.crypto import token_checksum
 from oauthproxy.core.exceptions import AccessDenied, InvalidRequest, UpstreamError
@@ -104,17 +100,7 @@ def try_it_start(*, server: McpServer, actor) -> TryItStart:
         )
     if not getattr(actor, "is_authenticated", False):
         raise TryItUnavailable("Log in to the admin first.")
-    now = timezone.now()
-    browser_key = browser_key_new()
-    pending = PendingAuthorization(
-        server=server,
-        tester=actor,
-        browser_key_checksum=token_checksum(browser_key),
-        redirect_uri="",
-        scope=" ".join(server.scopes or []),
-        expires_at=now,  # set with the state
-    )
-    url = upstream_redirect_prepare(pending, now=now)
+    url, browser_key = upstream_signin_start(server=server, tester=actor)
     logger.info("try it started server=%s by=%s", server.slug, actor.get_username())
     return TryItStart(url=url, browser_key=browser_key)
 
