@@ -14,6 +14,8 @@ import anyio
 import httpx
 import pytest
 
+from oauthproxy.console.management.commands.team_create import TEAM_PERMISSIONS
+
 try:  # importable both as a top-level module (pytest rootdir insertion) and as a package module
     import harness
     import proxy as proxy_helpers
@@ -134,8 +136,10 @@ def test_newcomer_adds_a_server_by_hand_makes_a_team_and_an_api_token(proxy):
         "JOIN auth_user_groups ug ON ug.group_id = g.id JOIN auth_user u ON u.id = ug.user_id GROUP BY g.name"
     )
     assert (team, members, staff) == ("payments", "dana", True)
-    [(permissions,)] = deployment.sql("SELECT count(*) FROM auth_group_permissions")
-    assert permissions == 11  # team_create's list
+    granted = {codename for (codename,) in deployment.sql(
+        "SELECT p.codename FROM auth_group_permissions gp JOIN auth_permission p ON p.id = gp.permission_id"
+    )}
+    assert granted == {f"{action}_{model}" for model, actions in TEAM_PERMISSIONS.items() for action in actions}
 
     token = seen["token"]
     assert token not in seen["token_list"]
