@@ -1,6 +1,7 @@
 import pytest
 import responses
 from django.conf import settings
+from django.contrib.auth.models import User
 
 from oauthproxy.authserver.tokens import _recently_touched
 from oauthproxy.core.caching import client_cache_clear, server_cache_clear
@@ -49,6 +50,12 @@ def _per_process_caches_cleared():
     server_cache_clear()
     client_cache_clear()
     _recently_touched.clear()
+
+
+@pytest.fixture
+def operator(db):
+    """A platform admin (superuser), the actor of audited console actions."""
+    return User.objects.create_superuser("ops", password="pw")
 
 
 @pytest.fixture

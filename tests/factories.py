@@ -23,6 +23,7 @@ from django.db import connections
 from django.utils import timezone
 
 from oauthproxy.models import Client, Grant, IntrospectionCredential, McpServer, UpstreamSession
+from tests.conftest import UPSTREAM
 
 DEFAULT_REDIRECT_URI = "http://127.0.0.1:33418/callback"
 # An RFC 7636 verifier (43-128 unreserved characters); its S256 challenge is computed by pkce_challenge().
@@ -227,3 +228,22 @@ def run_in_threads(count: int, work) -> list:
     for thread in threads:
         thread.join(timeout=60)
     return results
+
+
+def oidc_metadata(issuer: str = UPSTREAM, **overrides) -> dict:
+    """An upstream's RFC 8414 / OpenID metadata document; ``None`` overrides drop a field."""
+    document = {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/auth",
+        "token_endpoint": f"{issuer}/oauth/token",
+        "revocation_endpoint": f"{issuer}/oauth/revoke",
+        "userinfo_endpoint": f"{issuer}/userinfo",
+        "jwks_uri": f"{issuer}/jwks",
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_post", "client_secret_basic"],
+        "code_challenge_methods_supported": ["plain", "S256"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access", "groups", "api:read"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "response_types_supported": ["code"],
+    }
+    document.update(overrides)
+    return {k: v for k, v in document.items() if v is not None}

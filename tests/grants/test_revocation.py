@@ -1,4 +1,5 @@
-"""Operator revocation: one session, all of a client, a user (subject) or a server; clients disabled/deleted."""
+"""Operator revocation: one session, all of a client, a user (subject) or a server (clients disabled or deleted:
+tests/console/test_clients.py)."""
 
 import hashlib
 import secrets
@@ -7,10 +8,8 @@ from urllib.parse import parse_qs
 
 import pytest
 import responses
-from django.contrib.auth.models import User
 from django.utils import timezone
 
-from oauthproxy.console.clients import client_delete, client_update
 from oauthproxy.grants.revocation import SessionFilterError, server_sessions_revoke, sessions_revoke
 from oauthproxy.models import AccessToken, AuditEvent, Client, RefreshToken, UpstreamSession
 from tests.conftest import UPSTREAM
@@ -31,11 +30,6 @@ def proxy_tokens(session: UpstreamSession) -> tuple[AccessToken, RefreshToken]:
         access_token=access, upstream_session=session,
     )
     return access, refresh
-
-
-@pytest.fixture
-def operator(db):
-    return User.objects.create_superuser("ops", password="pw")
 
 
 @pytest.fixture
@@ -139,34 +133,3 @@ class TestSessionsRevoke:
             sessions_revoke(queryset_or_filters={"user": "alice"}, actor=operator, reason="r")
         with pytest.raises(SessionFilterError):
             sessions_revoke(queryset_or_filters=Client.objects.all(), actor=operator, reason="r")
-
-
-@pytest.mark.django_db
-class TestClients:
-    def test_disable_and_enable_are_audited_admin_changes(self, world, operator):
-        client = world["a"]
-        assert client_update(client=client, actor=operator, disabled=True) == ["disabled"]
-        assert Client.objects.get(pk=client.pk).disabled
-        assert client_update(client=client, actor=operator, disabled=True) == []  # no change, no event
-        client_update(client=client, actor=operator, disabled=False)
-        events = list(AuditEvent.objects.filter(kind=AuditEvent.Kind.ADMIN_CHANGE).order_by("created", "pk"))
-        assert [e.message for e in events] == ["client disabled", "client enabled"]
-        assert events[0].actor == operator and events[0].client == client
-        assert events[0].detail["changes"] == {"disabled": {"from": False, "to": True}}
-
-    def test_rename_is_audited(self, world, operator):
-        client_update(client=world["a"], actor=operator, name="Renamed")
-        event = AuditEvent.objects.get(kind=AuditEvent.Kind.ADMIN_CHANGE)
-        assert event.detail["changes"] == {"name": {"from": "A", "to": "Renamed"}}
-
-    def test_delete_revokes_its_sessions_upstream_first_and_keeps_the_history(self, world, operator, upstream):
-        client = world["a"]
-        client_id = client.client_id
-        assert client_delete(client=client, actor=operator) == 2
-        assert not Client.objects.filter(client_id=client_id).exists()
-        assert len(revoked_upstream_tokens(upstream)) == 4
-        event = AuditEvent.objects.get(kind=AuditEvent.Kind.CLIENT_DELETED)
-        assert event.actor == operator and event.server == world["crm"]
-        assert event.client is None  # the row is gone; the event names it
-        assert event.detail == {"client_id": client_id, "name": "A", "sessions_revoked": 2}
-        assert AuditEvent.objects.filter(kind=AuditEvent.Kind.SESSION_REVOKED).count() == 2
