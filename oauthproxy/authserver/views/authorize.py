@@ -3,7 +3,6 @@ views share. Views only translate HTTP; the flow lives in ``services.authorizati
 
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
@@ -16,6 +15,7 @@ from oauthproxy.authserver.authorization import (
     browser_key_is_valid,
     browser_key_new,
 )
+from oauthproxy.authserver.views.cookies import cookie_set
 from oauthproxy.core.exceptions import OAuthError, RateLimited
 from oauthproxy.core.ratelimit import client_ip
 from oauthproxy.core.servers import server_get_enabled
@@ -94,15 +94,8 @@ def browser_key_from_request(request: HttpRequest) -> str | None:
 def browser_cookie_set(response: HttpResponse, request: HttpRequest, key: str) -> None:
     """The key binding flows (and remembered consent) to this browser. Lax so the upstream's top-level
     redirect to our callback carries it; HttpOnly; Secure whenever the public URL is https."""
-    response.set_cookie(
-        BROWSER_COOKIE,
-        key,
-        max_age=max(proxy_settings.CONSENT_REMEMBER_SECONDS, proxy_settings.UPSTREAM_STATE_LIFETIME * 2),
-        path=BROWSER_COOKIE_PATH,
-        secure=request.is_secure() or settings.PUBLIC_BASE_URL.startswith("https://"),
-        httponly=True,
-        samesite="Lax",
-    )
+    cookie_set(response, request, name=BROWSER_COOKIE, value=key, path=BROWSER_COOKIE_PATH,
+               max_age=max(proxy_settings.CONSENT_REMEMBER_SECONDS, proxy_settings.UPSTREAM_STATE_LIFETIME * 2))
 
 
 @never_cache

@@ -5,7 +5,6 @@ It also ends an admin's "Try it" test (``upstream.try_it``), whose browser bindi
 browser key of the admin's own MCP logins.
 """
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
@@ -22,9 +21,9 @@ from oauthproxy.authserver.views.authorize import (
     page_headers,
 )
 from oauthproxy.authserver.views.connections import SIGNIN_COOKIE, connections_cookie_add
+from oauthproxy.authserver.views.cookies import callback_cookie_set
 from oauthproxy.core.exceptions import OAuthError
 from oauthproxy.core.servers import server_get_enabled
-from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
 from oauthproxy.upstream.try_it import try_it_complete
 
@@ -34,15 +33,7 @@ TRY_IT_COOKIE = "oauthproxy_try_it"
 def try_it_cookie_set(response: HttpResponse, request: HttpRequest, *, server: McpServer, key: str) -> None:
     """The browser key of an admin's test: HttpOnly, Lax (the upstream's redirect back carries it), sent
     only to this server's callback, and gone when the upstream state expires."""
-    response.set_cookie(
-        TRY_IT_COOKIE,
-        key,
-        max_age=proxy_settings.UPSTREAM_STATE_LIFETIME,
-        path=f"/oauth/{server.slug}/callback",
-        secure=request.is_secure() or settings.PUBLIC_BASE_URL.startswith("https://"),
-        httponly=True,
-        samesite="Lax",
-    )
+    callback_cookie_set(response, request, name=TRY_IT_COOKIE, server=server, key=key)
 
 
 @never_cache

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-from django.conf import settings
 from django.core import signing
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
@@ -24,6 +23,7 @@ from oauthproxy.authserver.connections import (
     connections_signin_start,
 )
 from oauthproxy.authserver.views.authorize import error_page, page_headers
+from oauthproxy.authserver.views.cookies import callback_cookie_set, cookie_set
 from oauthproxy.core.exceptions import InvalidRequest, OAuthError
 from oauthproxy.core.settings import proxy_settings
 from oauthproxy.models import McpServer
@@ -33,45 +33,31 @@ SIGNIN_COOKIE = "oauthproxy_connections_signin"
 _SALT = "oauthproxy.connections"
 
 
-def _secure(request: HttpRequest) -> bool:
-    return request.is_secure() or settings.PUBLIC_BASE_URL.startswith("https://")
-
-
-def signed_in_subjects(request: HttpRequest) -> dict[str, str]:
-    """{server id: subject} of the sign-ins this browser completed that have not expired."""
+def _signed_in_entries(request: HttpRequest) -> dict[str, list]:
+    """{server id: [subject, expiry]} of the sign-ins in this browser's cookie that have not expired."""
     try:
         entries = json.loads(request.get_signed_cookie(CONNECTIONS_COOKIE, salt=_SALT, default=None) or "{}")
     except (signing.BadSignature, ValueError):
         return {}
     now = time.time()
     return {
-        server_id: entry[0] for server_id, entry in (entries if isinstance(entries, dict) else {}).items()
-        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[1] > now
+        server_id: entry for server_id, entry in (entries if isinstance(entries, dict) else {}).items()
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+        and isinstance(entry[1], (int, float)) and entry[1] > now
     }
+
+
+def signed_in_subjects(request: HttpRequest) -> dict[str, str]:
+    """{server id: subject} of the sign-ins this browser completed that have not expired."""
+    return {server_id: entry[0] for server_id, entry in _signed_in_entries(request).items()}
 
 
 def connections_cookie_add(response: HttpResponse, request: HttpRequest, *, signed_in: ConnectionsSignedIn) -> None:
     lifetime = proxy_settings.CONNECTIONS_SIGNIN_SECONDS
-    try:
-        entries = json.loads(request.get_signed_cookie(CONNECTIONS_COOKIE, salt=_SALT, default=None) or "{}")
-    except (signing.BadSignature, ValueError):
-        entries = {}
-    now = time.time()
-    entries = {k: v for k, v in (entries if isinstance(entries, dict) else {}).items()
-               if isinstance(v, list) and len(v) == 2 and v[1] > now}
-    entries[signed_in.server_id] = [signed_in.subject, now + lifetime]
-    response.set_signed_cookie(
-        CONNECTIONS_COOKIE, json.dumps(entries), salt=_SALT, max_age=lifetime, path="/connections/",
-        secure=_secure(request), httponly=True, samesite="Lax",
-    )
-
-
-def signin_cookie_set(response: HttpResponse, request: HttpRequest, *, server: McpServer, key: str) -> None:
-    """The browser binding of a sign-in in progress, sent only to this server's callback."""
-    response.set_cookie(
-        SIGNIN_COOKIE, key, max_age=proxy_settings.UPSTREAM_STATE_LIFETIME,
-        path=f"/oauth/{server.slug}/callback", secure=_secure(request), httponly=True, samesite="Lax",
-    )
+    entries = _signed_in_entries(request)
+    entries[signed_in.server_id] = [signed_in.subject, time.time() + lifetime]
+    cookie_set(response, request, name=CONNECTIONS_COOKIE, value=json.dumps(entries), salt=_SALT,
+               max_age=lifetime, path="/connections/")
 
 
 @never_cache
@@ -90,7 +76,7 @@ def connections(request: HttpRequest) -> HttpResponse:
             if action == "signin":
                 start = connections_signin_start(server=server)
                 response = HttpResponseRedirect(start.url)
-                signin_cookie_set(response, request, server=server, key=start.browser_key)
+                callback_cookie_set(response, request, name=SIGNIN_COOKIE, server=server, key=start.browser_key)
                 return response
             if action == "disconnect":
                 subject = subjects.get(str(server.pk))
