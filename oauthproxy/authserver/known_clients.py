@@ -67,7 +67,7 @@ KNOWN_CLIENTS: tuple[KnownClient, ...] = (
     KnownClient(
         key="vscode",
         name="Visual Studio Code",
-        metadata_url_prefixes=("https://vscode.dev/oauth/",),
+        metadata_url_prefixes=("https://vscode.dev/oauth/", "https://insiders.vscode.dev/oauth/"),
         redirect_uris=("https://vscode.dev/redirect", "https://insiders.vscode.dev/redirect"),
         loopback_paths=("/",),
         registers_with="cimd dcr preregistered",
@@ -85,11 +85,17 @@ KNOWN_CLIENTS: tuple[KnownClient, ...] = (
     KnownClient(
         key="zed",
         name="Zed",
-        metadata_url_prefixes=("https://zed.dev/",),
+        metadata_url_prefixes=("https://zed.dev/oauth/",),  # https://zed.dev/oauth/client-metadata.json
         loopback_paths=("/callback", "/mcp/oauth/callback"),
         registers_with="cimd dcr",
     ),
-    KnownClient(key="goose", name="Goose", loopback_paths=("/oauth_callback", "/callback"), registers_with="dcr"),
+    KnownClient(
+        key="goose",
+        name="Goose",
+        metadata_url_prefixes=("https://goose-docs.ai/oauth/",),  # since goose 1.32: .../client-metadata.json
+        loopback_paths=("/oauth_callback", "/callback"),
+        registers_with="cimd dcr",
+    ),
     KnownClient(
         key="gemini-cli",
         name="Gemini CLI",
@@ -128,6 +134,10 @@ def known_client_match(*, client_id: str, redirect_uris: list[str] | str) -> Kno
     ]
     if by_document:
         return KnownMatch(max(by_document, key=lambda pair: pair[0])[1], "metadata document")
+    if client_id.startswith("https://"):
+        # A metadata-document client is who its URL says: a document elsewhere (on a known vendor's host or
+        # not) is not made a known client by the loopback or vendor redirect URIs it lists.
+        return None
     if not uris:
         return None
     for entry in KNOWN_CLIENTS:  # its vendor redirect URIs, plus perhaps its loopback ones (VS Code)

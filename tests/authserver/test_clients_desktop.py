@@ -8,7 +8,10 @@
 - MCP Inspector: DCR with ``http://localhost:6274/oauth/callback`` (and ``/debug``), ``client_secret_basic``
   unless told otherwise... here as the SDK default it sends: ``none``.
 - Goose and Zed: DCR with a loopback redirect on a port of the moment.
-- Codex: a metadata document under ``https://chatgpt.com/oauth/codex/``, public, loopback ``/callback``.
+- Metadata documents (public, loopback redirects on a port of the moment): Codex under
+  ``https://chatgpt.com/oauth/codex/``, VS Code (and Insiders) ``https://vscode.dev/oauth/client-metadata.json``,
+  Zed ``https://zed.dev/oauth/client-metadata.json`` (tried before DCR), Goose
+  ``https://goose-docs.ai/oauth/client-metadata.json`` (goose 1.32 and later).
 """
 
 import pytest
@@ -81,14 +84,45 @@ def test_registers_and_connects(client, server, key):
     assert set(result["tokens"]["scope"].split()) <= set(server.scopes)
 
 
+METADATA_CLIENTS = {
+    "codex": ("https://chatgpt.com/oauth/codex/client.json", "http://localhost/callback",
+              "http://localhost:1455/callback", "Codex"),
+    "vscode": ("https://vscode.dev/oauth/client-metadata.json", "http://127.0.0.1:33418/",
+               "http://127.0.0.1:33418/", "Visual Studio Code"),
+    "vscode-insiders": ("https://insiders.vscode.dev/oauth/client-metadata.json", "http://127.0.0.1:33418/",
+                        "http://127.0.0.1:33418/", "Visual Studio Code"),
+    "zed": ("https://zed.dev/oauth/client-metadata.json", "http://127.0.0.1/callback",
+            "http://127.0.0.1:27523/callback", "Zed"),
+    "goose": ("https://goose-docs.ai/oauth/client-metadata.json", "http://127.0.0.1/oauth_callback",
+              "http://127.0.0.1:51234/oauth_callback", "Goose"),
+}
+
+
 @pytest.mark.django_db
-def test_codex_metadata_document(client, server):
-    url = "https://chatgpt.com/oauth/codex/client.json"
-    document = {"client_id": url, "client_name": "Codex", "redirect_uris": ["http://localhost/callback"],
+@pytest.mark.parametrize("key", sorted(METADATA_CLIENTS))
+def test_metadata_document_clients_are_known_and_connect(client, server, key):
+    url, registered_redirect, redirect_uri, known_as = METADATA_CLIENTS[key]
+    document = {"client_id": url, "client_name": known_as, "redirect_uris": [registered_redirect],
                 "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
-                "token_endpoint_auth_method": "none", "token_endpoint_auth_methods_supported": ["none"]}
+                "token_endpoint_auth_method": "none"}
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         serve_document(mock, document)
         row = client_resolve(server=server, client_id=url)
-        assert client_known(row).entry.name == "Codex"
-        connect(client, server, url, redirect_uri="http://localhost:1455/callback", resource=server.resource_url)
+        assert client_known(row).entry.name == known_as
+        result = connect(client, server, url, redirect_uri=redirect_uri, resource=server.resource_url)
+        assert result["query"]["iss"] == server.issuer_url and result["tokens"]["access_token"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["https://zed.dev/extensions/someone/client.json", "https://example.org/cc.json"])
+def test_a_metadata_document_elsewhere_is_no_known_client(client, server, url):
+    """Only the clients' own document paths are vouched for: neither another page on their hosts nor a
+    document elsewhere listing their loopback or vendor redirect URIs passes for them."""
+    document = {"client_id": url, "client_name": "Zed",
+                "redirect_uris": ["http://127.0.0.1/callback", "https://claude.ai/api/mcp/auth_callback"],
+                "grant_types": ["authorization_code"], "response_types": ["code"],
+                "token_endpoint_auth_method": "none"}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        serve_document(mock, document)
+        row = client_resolve(server=server, client_id=url)
+        assert client_known(row) is None
