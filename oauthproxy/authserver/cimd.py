@@ -57,6 +57,7 @@ from oauth2_provider.settings import oauth2_settings
 
 from oauthproxy.authserver.client_auth import PRIVATE_KEY_JWT, client_auth_methods_choose
 from oauthproxy.authserver.known_clients import client_admitted
+from oauthproxy.authserver.redirect_uris import is_utf8
 from oauthproxy.authserver.registration import (
     ClientMetadata,
     client_metadata_apply,
@@ -115,7 +116,7 @@ def client_resolve(*, server: McpServer, client_id: str) -> Client | None:
     """
     if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLIENT_ID_LENGTH:
         return None
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in client_id) or not _is_utf8(client_id):
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in client_id) or not is_utf8(client_id):
         return None
     client = _with_server(
         clients.get(
@@ -377,11 +378,3 @@ def _url_check(url: str) -> None:
 
 def _allow_private() -> bool:
     return bool(proxy_settings.CIMD_ALLOW_PRIVATE_ADDRESSES)
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -42,7 +42,7 @@ def redirect_uri_validate(uri: str) -> None:
     shown = _shown(uri)
     if len(uri) > MAX_REDIRECT_URI_LENGTH:
         raise InvalidRedirectUri(f"Redirect URI {shown} is longer than {MAX_REDIRECT_URI_LENGTH} characters.")
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in uri) or not _is_utf8(uri):
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in uri) or not is_utf8(uri):
         raise InvalidRedirectUri(f"Redirect URI {shown} contains whitespace or control characters.")
     if "#" in uri:
         raise InvalidRedirectUri(f"Redirect URI {shown} has a fragment (#...); fragments are not allowed.")
@@ -140,7 +140,8 @@ def _shown(uri: str) -> str:
     return repr(uri if len(uri) <= 100 else uri[:100] + "...")
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """False for text that cannot be sent as UTF-8 (lone surrogates from a percent-decoded query)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
