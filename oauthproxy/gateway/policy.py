@@ -22,17 +22,22 @@ Tool policy: only for servers that have one (others are not looked at), and then
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+from django.core.cache import cache
 from django.http import HttpResponse
 
 from oauthproxy.core import metrics
 from oauthproxy.core.audit import audit_record
 from oauthproxy.core.exceptions import InvalidToken
+from oauthproxy.core.ratelimit import counter_get, counters_add
 from oauthproxy.core.threads import run_in_db_thread
 from oauthproxy.gateway.auth import TokenGrant
 from oauthproxy.gateway.forwarding import ForwardedResponse, GatewayError
@@ -45,6 +50,8 @@ logger = logging.getLogger(__name__)
 TOOL_REFUSED_CODE = -32001  # JSON-RPC "server error" range: refused by the gateway's tool policy
 PARSE_ERROR_CODE = -32700
 MAX_FILTERED_BODY = 16 * 1024 * 1024  # the most of one answer (JSON body, SSE event) held back to filter it
+REFUSAL_AUDIT_WINDOW = 60  # seconds: one audit row per (server, user, client, tool) and window
+REFUSAL_AUDIT_TOOLS = 10  # tools with a row of their own per (server, user, client) and window
 
 # What a body naming a tools/ method must contain: the text itself, or a JSON escape that can spell it
 # without it ("tools\/call", "\u0074ools/call"), or a NUL (JSON in UTF-16 or UTF-32, which json.loads
@@ -149,23 +156,83 @@ def tool_plan_answer(plan: ToolPlan) -> HttpResponse:
 
 
 async def tool_refusals_audit(*, server: GatewayServer, grant: TokenGrant, plan: ToolPlan) -> None:
-    """Refused tool calls in the audit log (refusals are rare: a query each is fine)."""
-    refused = plan.refused_tools
-    if not refused:
+    """Refused tool calls in the audit log, bounded (``tool_refusals_record``); the refusal stands even
+    when it cannot be recorded."""
+    if not plan.refused_tools:
         return
-
-    def write() -> None:
-        db_server = McpServer.objects.filter(pk=server.id).first()
-        client = Client.objects.filter(client_id=grant.client_id).first()
-        for tool, reason in refused:
-            audit_record(kind=AuditEvent.Kind.ACCESS_DENIED, server=db_server, client=client,
-                         subject=grant.subject, message=f"tools/call {tool} refused: {reason}"[:2000],
-                         detail={"step": "tools/call", "tool": tool[:200]})
-
     try:
-        await run_in_db_thread(write)
+        await run_in_db_thread(lambda: tool_refusals_record(
+            server_id=server.id, subject=grant.subject, client_id=grant.client_id, refused=plan.refused_tools,
+            now=time.time()))
     except Exception:  # noqa: BLE001 (the refusal stands even when it cannot be recorded)
         logger.exception("gateway %s: could not record a refused tool call", server.slug)
+
+
+def tool_refusals_record(*, server_id, subject: str, client_id: str, refused: list[tuple[str, str]],
+                         now: float) -> None:
+    """Record refused tool calls without letting a looping agent or a hostile user fill the audit table.
+
+    One row per (server, user, client, tool) and window of ``REFUSAL_AUDIT_WINDOW`` seconds, with the
+    number of refusals in ``detail["count"]``; at most ``REFUSAL_AUDIT_TOOLS`` tools a window have a row
+    of their own per (server, user, client) (tool names are the client's to invent: ``admin_1``,
+    ``admin_2``...), then one row says the rest goes unrecorded. The counts live in the shared cache
+    (``core.ratelimit`` counters: one atomic increment per refusal, right across processes); the row is
+    written by the refusal that counts 1, its count is raised when the counter reaches 2, 4, 8, ... (a
+    handful of updates a window, never more than twice off), and set to the window's final count when
+    the next window's first refusal of that tool writes its row. The Prometheus counter counts each one.
+    """
+    bucket = int(now) // REFUSAL_AUDIT_WINDOW
+    caller = f"{server_id}\x00{subject}\x00{client_id}"
+    for tool, reason in refused:
+        key = f"{caller}\x00{tool}"
+        count = counters_add([(_refusal_key("count", key, bucket), 2 * REFUSAL_AUDIT_WINDOW + 1)])[0]
+        if count & (count - 1):  # not a power of two: counted in the cache only
+            continue
+        if count > 1:
+            _refusal_count_raise(key=key, bucket=bucket, count=count, tool=tool, reason=reason)
+            continue
+        rows = counters_add([(_refusal_key("rows", caller, bucket), REFUSAL_AUDIT_WINDOW + 1)])[0]
+        if rows > REFUSAL_AUDIT_TOOLS + 1:
+            continue
+        db_server = McpServer.objects.filter(pk=server_id).first()
+        client = Client.objects.filter(client_id=client_id).first()
+        window = {"window_seconds": REFUSAL_AUDIT_WINDOW,
+                  "window_start": datetime.fromtimestamp(bucket * REFUSAL_AUDIT_WINDOW, tz=UTC).isoformat()}
+        if rows > REFUSAL_AUDIT_TOOLS:
+            audit_record(kind=AuditEvent.Kind.ACCESS_DENIED, server=db_server, client=client, subject=subject,
+                         message=f"tools/call of more than {REFUSAL_AUDIT_TOOLS} different tools refused in "
+                                 f"{REFUSAL_AUDIT_WINDOW} s: further ones are not recorded one by one",
+                         detail={"step": "tools/call", **window})
+            continue
+        event = audit_record(kind=AuditEvent.Kind.ACCESS_DENIED, server=db_server, client=client, subject=subject,
+                             message=_refusal_message(tool, reason, 1),
+                             detail={"step": "tools/call", "tool": tool[:200], "count": 1, **window})
+        cache.set(_refusal_key("row", key, bucket), event.pk, timeout=2 * REFUSAL_AUDIT_WINDOW + 1)
+        previous = counter_get(_refusal_key("count", key, bucket - 1))
+        if previous > 1:
+            _refusal_count_raise(key=key, bucket=bucket - 1, count=previous, tool=tool, reason=reason)
+
+
+def _refusal_key(kind: str, key: str, bucket: int) -> str:
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]  # client-chosen text
+    return f"toolrefusal:{kind}:{digest}:{bucket}"
+
+
+def _refusal_message(tool: str, reason: str, count: int) -> str:
+    times = f" {count} times in {REFUSAL_AUDIT_WINDOW} s" if count > 1 else ""
+    return f"tools/call {tool} refused{times}: {reason}"[:2000]
+
+
+def _refusal_count_raise(*, key: str, bucket: int, count: int, tool: str, reason: str) -> None:
+    """Raise the count of the window's row (never lower it: processes may update out of order)."""
+    row = cache.get(_refusal_key("row", key, bucket))
+    if row is None:  # not written yet (its writer is a moment behind) or beyond the per-caller cap
+        return
+    event = AuditEvent.objects.filter(pk=row).only("detail").first()
+    if event is None:
+        return
+    AuditEvent.objects.filter(pk=row, detail__count__lt=count).update(
+        detail={**event.detail, "count": count}, message=_refusal_message(tool, reason, count))
 
 
 # -- responses -----------------------------------------------------------------------------------------

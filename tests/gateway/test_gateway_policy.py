@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import anyio
 import httpx
 import pytest
+from django.core.cache import cache
 
 from oauthproxy.core import metrics
 from oauthproxy.core.caching import server_cache_clear
@@ -30,6 +31,7 @@ ADMIN_ONLY = [{"tools": ["admin_*"], "groups": ["admins"]}]
 @pytest.fixture(autouse=True)
 def _tool_calls_reset():
     mcp_server.TOOL_CALLS.clear()
+    cache.clear()  # the refusal audit's counters (SQLite hands a rolled-back primary key out again)
     yield
     mcp_server.TOOL_CALLS.clear()
 
@@ -74,6 +76,7 @@ def test_user_outside_the_tool_group_sees_a_filtered_list_and_is_refused_without
     assert refused_count("crm") == before + 1
     event = AuditEvent.objects.get(kind=AuditEvent.Kind.ACCESS_DENIED)
     assert "admin_reset" in event.message and event.subject == "alice"
+    assert event.detail["tool"] == "admin_reset" and event.detail["count"] == 1
 
 
 def test_user_in_the_tool_group_sees_and_calls_the_tool(transactional_db, proxy, internal, gateway_url):
@@ -398,3 +401,68 @@ def test_a_compressed_answer_is_not_passed_unfiltered(transactional_db, proxy, g
     finally:
         canned.stop()
     assert response.status_code == 502
+
+
+# -- refused calls in the audit log, bounded (issue 14) -------------------------------------------------
+
+
+def refusal_rows(**filters) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(kind=AuditEvent.Kind.ACCESS_DENIED, detail__step="tools/call",
+                                          **filters).order_by("pk"))
+
+
+def test_a_looping_client_writes_one_audit_row_per_tool_and_user_with_the_count(
+    transactional_db, proxy, internal_json, gateway_url
+):
+    server = make_server(slug="crm", mcp_url=internal_json.url, tool_policy=ADMIN_ONLY)
+    alice = with_claims(make_grant(server, subject="alice"), groups=["sales"])
+    bob = with_claims(make_grant(server, subject="bob"), groups=["sales"])
+    before = refused_count("crm")
+    for i in range(12):
+        assert "error" in post(gateway_url(), alice, rpc("tools/call", {"name": "admin_reset"}, id=i)).json()
+    post(gateway_url(), alice, rpc("tools/call", {"name": "admin_purge"}, id=99))
+    post(gateway_url(), bob, rpc("tools/call", {"name": "admin_reset"}, id=1))
+
+    assert refused_count("crm") == before + 14  # the metric counts every refusal
+    rows = refusal_rows()
+    assert len(rows) == 3
+    looping = [row for row in rows if row.subject == "alice" and row.detail["tool"] == "admin_reset"]
+    assert len(looping) == 1
+    assert looping[0].detail["count"] == 8  # raised at 2, 4, 8: within a factor of two until the window ends
+    assert "8 times in 60 s" in looping[0].message
+    assert {(row.subject, row.detail["tool"], row.detail["count"]) for row in rows if row is not looping[0]} == {
+        ("alice", "admin_purge", 1), ("bob", "admin_reset", 1)}
+    assert mcp_server.TOOL_CALLS == []
+
+
+def test_the_next_window_gets_a_row_of_its_own_and_settles_the_last_ones_count(transactional_db):
+    server = make_server(slug="crm", tool_policy=ADMIN_ONLY)
+    window = policy.REFUSAL_AUDIT_WINDOW
+    start = 1_000_000 * window  # the start of a window
+    refused = [("admin_reset", "The tool admin_reset is only for members of: admins.")]
+
+    def refuse(at: float) -> None:
+        policy.tool_refusals_record(server_id=server.pk, subject="alice", client_id="c1", refused=refused, now=at)
+
+    for i in range(20):
+        refuse(start + i)
+    [row] = refusal_rows()
+    assert row.detail["count"] == 16 and row.detail["window_seconds"] == window
+
+    refuse(start + window + 1)
+    first, second = refusal_rows()
+    assert first.pk == row.pk and first.detail["count"] == 20  # the final count, once the window is over
+    assert second.detail["count"] == 1 and second.detail["window_start"] > first.detail["window_start"]
+
+
+def test_invented_tool_names_do_not_fill_the_audit_log(transactional_db):
+    server = make_server(slug="crm", tool_policy=ADMIN_ONLY)
+    refused = [(f"admin_{i}", "only for admins") for i in range(50)]
+    policy.tool_refusals_record(server_id=server.pk, subject="alice", client_id="c1", refused=refused,
+                                now=1_000_000.0)
+    rows = refusal_rows()
+    assert len(rows) == policy.REFUSAL_AUDIT_TOOLS + 1
+    assert "further ones are not recorded" in rows[-1].message
+    policy.tool_refusals_record(server_id=server.pk, subject="bob", client_id="c1", refused=refused[:1],
+                                now=1_000_000.0)
+    assert refusal_rows(subject="bob")[0].detail["tool"] == "admin_0"  # another user: rows of their own
