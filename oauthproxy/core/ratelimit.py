@@ -61,7 +61,7 @@ def rate_limit_check(*, name: str, key: str) -> None:
     if limit <= 0:
         return
     now = int(time.time())
-    if _current(_cache_key(name, key, now // window)) >= limit:
+    if counter_get(_cache_key(name, key, now // window)) >= limit:
         raise RateLimited(retry_after=window - (now % window) or 1)
 
 
@@ -77,7 +77,8 @@ def _cache_key(name: str, key: str, bucket: int) -> str:
     return f"rl:{name}:{digest}:{bucket}"
 
 
-def _current(cache_key: str) -> int:
+def counter_get(cache_key: str) -> int:
+    """The value of the counter *cache_key* (0 when it does not exist or expired)."""
     redis = _redis_client()
     value = redis.get(cache.make_key(cache_key)) if redis is not None else cache.get(cache_key)
     return int(value or 0)

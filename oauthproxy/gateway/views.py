@@ -33,8 +33,8 @@ from oauthproxy.gateway.policy import (
     gateway_access_check,
     tool_plan,
     tool_plan_answer,
-    tool_plan_apply,
     tool_refusals_audit,
+    tool_response_filter,
 )
 from oauthproxy.gateway.servers import GatewayServer, gateway_server_get
 
@@ -139,8 +139,8 @@ async def _handle(request: HttpRequest, slug: str, read_body: BodyReader) -> Htt
         result = await gateway_forward(
             server=server, grant=grant, method=request.method, headers=request.headers.items(), body=body
         )
-        if plan is not None:
-            result = await tool_plan_apply(server=server, grant=grant, plan=plan, response=result)
+        if server.tool_policy:  # every answer, GET streams too: they may replay a tools/list result
+            result = await tool_response_filter(server=server, grant=grant, plan=plan, response=result)
         return result
     except OAuthError as exc:
         return _refused(server, exc)

@@ -4,7 +4,10 @@
   it started (polled, no fixed sleep). The proxy runs this way, so it sees the test's database rows.
 - ``InternalMcpServer``: the internal MCP server behind the gateway, built with the official MCP Python
   SDK, wrapped in a small ASGI layer that records what reached it and can refuse chosen bearer tokens
-  with 401 (like a resource server whose token the upstream revoked).
+  with 401 (like a resource server whose token the upstream revoked). ``resumable=True`` gives it an
+  event store (``MemoryEventStore``): a GET with ``Last-Event-ID`` replays the SSE events that followed
+  that event, answers to earlier POSTs (``tools/list`` results among them) included, as the MCP
+  specification's stream resumption does.
 - ``CannedHttpServer``: answers every request with the same bytes, for what uvicorn never sends (e.g.
   header names in Title-Case, as Go's net/http writes them).
 """
@@ -20,6 +23,7 @@ from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
 
 from tests.e2e.mcp_server import build_mcp as build_e2e_mcp
 
@@ -69,12 +73,35 @@ def build_mcp() -> MCPServer:
     return mcp
 
 
+class MemoryEventStore(EventStore):
+    """Every SSE event the server sent, in order, so a client can resume a stream after any of them."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[EventId, StreamId, Any]] = []
+
+    async def store_event(self, stream_id: StreamId, message) -> EventId:
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
+        found = [i for i, (event_id, _, _) in enumerate(self.events) if event_id == last_event_id]
+        if not found:
+            return None
+        stream_id = self.events[found[0]][1]
+        for event_id, stream, message in self.events[found[0] + 1:]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
 class InternalMcpServer:
     """The SDK's streamable-HTTP app plus a recorder. ``reject_tokens``: bearer tokens answered with 401."""
 
-    def __init__(self, *, json_response: bool = False, stateless: bool = False) -> None:
+    def __init__(self, *, json_response: bool = False, stateless: bool = False, resumable: bool = False) -> None:
         self.app = build_mcp().streamable_http_app(
-            streamable_http_path=MCP_PATH, json_response=json_response, stateless_http=stateless
+            streamable_http_path=MCP_PATH, json_response=json_response, stateless_http=stateless,
+            event_store=MemoryEventStore() if resumable else None,
         )
         self.requests: dict[str, int] = {}
         self.headers: list[dict[str, str]] = []
