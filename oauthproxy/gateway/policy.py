@@ -11,6 +11,8 @@ Tool policy: only for servers that have one (others are not looked at), and then
   answered by the gateway with a JSON-RPC error naming the tool and the reason; the internal server never
   sees it (a batch goes on without it, and the answers are merged). A body the gateway cannot read is
   refused (400) rather than forwarded: the internal server must never act on what the policy did not see.
+  The SEP-2243 routing headers (``Mcp-Method``, ``Mcp-Name``), which an internal server may route on
+  instead of the body, must mirror the body's one message when sent (else 400).
 - responses: every answer the gateway relays, POST or GET (the standalone SSE stream, a stream resumed
   with ``Last-Event-ID`` that replays earlier answers), has its ``tools/list`` results filtered, page by
   page (``nextCursor`` kept). A ``tools/list`` result is recognized by its shape, not by the id of a
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 TOOL_REFUSED_CODE = -32001  # JSON-RPC "server error" range: refused by the gateway's tool policy
 PARSE_ERROR_CODE = -32700
+INVALID_REQUEST_CODE = -32600
 MAX_FILTERED_BODY = 16 * 1024 * 1024  # the most of one answer (JSON body, SSE event) held back to filter it
 REFUSAL_AUDIT_WINDOW = 60  # seconds: one audit row per (server, user, client, tool) and window
 REFUSAL_AUDIT_TOOLS = 10  # tools with a row of their own per (server, user, client) and window
@@ -89,11 +92,18 @@ class ToolPlan:
     batch: bool = False
     refused_tools: list[tuple[str, str]] = field(default_factory=list)  # (tool, reason), for the audit log
     unreadable: bool = False  # the body may name a tools/ method but is not JSON the gateway can read
+    routing_mismatch: bool = False  # Mcp-Method / Mcp-Name headers that do not mirror the body
 
 
-def tool_plan(*, server: GatewayServer, grant: TokenGrant, body: bytes) -> ToolPlan | None:
-    """The plan for a POST body to a server with a tool policy; ``None``: forward it as it is."""
-    if not _MAY_NAME_TOOLS.search(body):
+def tool_plan(*, server: GatewayServer, grant: TokenGrant, body: bytes,
+              routing: tuple[str | None, str | None] = (None, None)) -> ToolPlan | None:
+    """The plan for a POST body to a server with a tool policy; ``None``: forward it as it is.
+
+    *routing* is the request's ``Mcp-Method`` and ``Mcp-Name`` headers (SEP-2243), which an internal server
+    or an intermediary may route on instead of the body: when either is sent, it must mirror the body's one
+    message, or nothing is forwarded (a 400), so no tool is reached by a name the policy did not check."""
+    routed = routing != (None, None)
+    if not routed and not _MAY_NAME_TOOLS.search(body):
         return None
     try:
         parsed = json.loads(body)
@@ -102,6 +112,8 @@ def tool_plan(*, server: GatewayServer, grant: TokenGrant, body: bytes) -> ToolP
         return ToolPlan(body=None, unreadable=True)
     batch = isinstance(parsed, list)
     messages = parsed if batch else [parsed]
+    if routed and (batch or not _routing_mirrors(parsed, *routing)):
+        return ToolPlan(body=None, routing_mismatch=True)
     user = _user(grant)
     plan = ToolPlan(body=body, batch=batch)
     kept = []
@@ -127,6 +139,18 @@ def tool_plan(*, server: GatewayServer, grant: TokenGrant, body: bytes) -> ToolP
     return plan
 
 
+def _routing_mirrors(message, method: str | None, name: str | None) -> bool:
+    """Whether the ``Mcp-Method`` / ``Mcp-Name`` headers sent say what the message says."""
+    if not isinstance(message, dict):
+        return False
+    params = message.get("params")
+    params = params if isinstance(params, dict) else {}
+    body_name = params.get("name", params.get("uri"))
+    if method is not None and method != message.get("method"):
+        return False
+    return name is None or name == body_name
+
+
 def _refusal(request_id, tool: str, reason: str) -> dict:
     return {
         "jsonrpc": "2.0",
@@ -145,6 +169,11 @@ def tool_plan_answer(plan: ToolPlan) -> HttpResponse:
     if plan.unreadable:
         payload = {"jsonrpc": "2.0", "id": None,
                    "error": {"code": PARSE_ERROR_CODE, "message": "Parse error: the request is not valid JSON."}}
+        response = HttpResponse(json.dumps(payload), status=400, content_type="application/json")
+    elif plan.routing_mismatch:
+        payload = {"jsonrpc": "2.0", "id": None,
+                   "error": {"code": INVALID_REQUEST_CODE,
+                             "message": "The Mcp-Method and Mcp-Name headers do not match the request body."}}
         response = HttpResponse(json.dumps(payload), status=400, content_type="application/json")
     elif not plan.refusals:
         return HttpResponse(status=202)

@@ -129,7 +129,10 @@ async def _handle(request: HttpRequest, slug: str, read_body: BodyReader) -> Htt
             return jsonrpc_response(400, "The Content-Length header is not a number.")
         if len(body) > limit:
             return too_large_response()
-    plan = tool_plan(server=server, grant=grant, body=body) if server.tool_policy and body else None
+    plan = None
+    if server.tool_policy and body:
+        routing = (request.headers.get("Mcp-Method"), request.headers.get("Mcp-Name"))
+        plan = tool_plan(server=server, grant=grant, body=body, routing=routing)
     if plan is not None:
         await tool_refusals_audit(server=server, grant=grant, plan=plan)
         if plan.body is None:

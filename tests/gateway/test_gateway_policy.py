@@ -374,6 +374,40 @@ def test_a_tools_call_spelled_with_json_escapes_is_refused(
     assert mcp_server.TOOL_CALLS == []
 
 
+@pytest.mark.parametrize("headers", [
+    {"Mcp-Method": "tools/call", "Mcp-Name": "admin_reset"},  # routes to the tool the body does not name
+    {"Mcp-Method": "tools/call"},  # the body is a ping
+    {"Mcp-Name": "admin_reset"},
+])
+def test_routing_headers_that_do_not_mirror_the_body_are_refused(
+    transactional_db, proxy, internal_json, gateway_url, headers
+):
+    """SEP-2243: an internal server may route on Mcp-Method / Mcp-Name rather than the body; a request whose
+    headers name a tool the policy did not check never reaches it."""
+    server = make_server(slug="crm", mcp_url=internal_json.url, tool_policy=ADMIN_ONLY)
+    grant = with_claims(make_grant(server), groups=["sales"])
+    posts_before = internal_json.requests.get("POST", 0)
+    response = post(gateway_url(), grant, rpc("ping", id=3), **headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == policy.INVALID_REQUEST_CODE
+    assert "Mcp-Method" in response.json()["error"]["message"]
+    assert internal_json.requests.get("POST", 0) == posts_before
+    assert mcp_server.TOOL_CALLS == []
+
+
+def test_routing_headers_that_mirror_the_body_pass(transactional_db, proxy, internal_json, gateway_url):
+    server = make_server(slug="crm", mcp_url=internal_json.url, tool_policy=ADMIN_ONLY)
+    grant = with_claims(make_grant(server), groups=["sales"])
+    call = rpc("tools/call", {"name": "echo", "arguments": {"text": "hi"}}, id=4)
+    response = post(gateway_url(), grant, call, **{"Mcp-Method": "tools/call", "Mcp-Name": "echo"})
+    assert response.status_code == 200 and not response.json()["result"].get("isError")
+    assert "hi" in json.dumps(response.json()["result"]["content"])
+    refused = post(gateway_url(), grant, {**call, "params": {"name": "admin_reset", "arguments": {}}},
+                   **{"Mcp-Method": "tools/call", "Mcp-Name": "admin_reset"})
+    assert refused.json()["error"]["data"]["tool"] == "admin_reset"
+    assert mcp_server.TOOL_CALLS == []
+
+
 def test_a_body_naming_tools_that_the_gateway_cannot_read_is_not_forwarded(
     transactional_db, proxy, internal_json, gateway_url
 ):
