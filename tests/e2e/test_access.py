@@ -200,6 +200,7 @@ def test_group_removed_at_the_upstream_ends_the_session_at_the_next_refresh(make
         "SELECT subject, detail->>'step' FROM oauthproxy_auditevent WHERE kind = 'access.denied' ORDER BY created"
     )
     assert sorted(denied) == [("alice", "login"), ("alice", "refresh"), ("carol", "login"), ("carol", "refresh")]
+    assert "@example.test" not in stack.proxy.log_text()  # the users' claims stay out of the logs
 
 
 # ------------------------------------------------------------------------------------------------
