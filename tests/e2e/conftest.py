@@ -109,6 +109,13 @@ def server_document(idp: harness.Upstream, mcp: harness.McpServerProc, **overrid
     return idp.server_config(UPSTREAM_CLIENT_ID, **values)
 
 
+@pytest.fixture(scope="session")
+def static_files() -> None:
+    """Production settings serve the admin's CSS/JS from STATIC_ROOT: collect them before a proxy whose admin
+    pages a browser opens starts."""
+    proxy_helpers.collectstatic()
+
+
 @pytest.fixture
 def make_stack() -> Iterator[Any]:
     with contextlib.ExitStack() as cleanup:

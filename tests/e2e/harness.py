@@ -757,6 +757,7 @@ class HttpEvent:
     url: str
     status: int
     form: dict[str, str]
+    error: str = ""  # the OAuth error of a refusal: a 401's WWW-Authenticate, or an OAuth endpoint's JSON body
 
     @property
     def path(self) -> str:
@@ -848,7 +849,9 @@ class McpOAuthClient:
             form: dict[str, str] = {}
             if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
                 form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
-            self.http.append(HttpEvent(request.method, str(request.url), response.status_code, form))
+            self.http.append(
+                HttpEvent(request.method, str(request.url), response.status_code, form, await _oauth_error(response))
+            )
 
         return httpx2.AsyncClient(
             auth=provider,
@@ -921,6 +924,23 @@ class McpOAuthClient:
 
     def close(self) -> None:
         self.browser.close()
+
+
+async def _oauth_error(response) -> str:
+    """The OAuth error a refused answer names: RFC 6750's `error` in WWW-Authenticate (the gateway), else
+    RFC 6749's in a JSON body (the token endpoint). Only JSON bodies are read: an event stream never is."""
+    if response.status_code < 400:
+        return ""
+    challenge = re.search(r'\berror="([^"]*)"', response.headers.get("www-authenticate", ""))
+    if challenge:
+        return challenge.group(1)
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return ""
+    try:
+        body = json.loads(await response.aread())
+    except ValueError:
+        return ""
+    return str(body.get("error", "")) if isinstance(body, dict) else ""
 
 
 def wait_until(deadline: float) -> None:
