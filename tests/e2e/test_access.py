@@ -88,8 +88,10 @@ def test_access_and_tool_policies(make_stack):
 # a group removed at the upstream: the session ends at the next upstream refresh
 
 
-UPSTREAM_TOKEN_TTL = 6  # seconds; due for refresh UPSTREAM_REFRESH_MARGIN (2 s) before it expires
-PROXY_TOKEN_LIFETIME = 15  # the proxy's own access tokens: longer, so the gateway meets a due upstream token first
+# Upstream tokens are due for refresh UPSTREAM_REFRESH_MARGIN (2 s) before they expire; carol's first calls must
+# come before hers is due, with room for a loaded machine.
+UPSTREAM_TOKEN_TTL = 10  # seconds
+PROXY_TOKEN_LIFETIME = 20  # the proxy's own access tokens: longer, so the gateway meets a due upstream token first
 
 
 def refused_authorization(exc: BaseException) -> AuthorizationFailed:
