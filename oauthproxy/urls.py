@@ -10,7 +10,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from oauthproxy.authserver.views import authorize, callback, connections, consent, token
+from oauthproxy.authserver.views import authorize, callback, connections, consent
 from oauthproxy.authserver.views.introspection import IntrospectApi
 from oauthproxy.authserver.views.metadata import (
     AuthorizationServerMetadataApi,
@@ -19,6 +19,7 @@ from oauthproxy.authserver.views.metadata import (
     ProtectedResourceMetadataApi,
 )
 from oauthproxy.authserver.views.registration import ClientConfigurationApi, ClientRegisterApi
+from oauthproxy.authserver.views.token import RevocationApi, TokenApi
 from oauthproxy.console import api as management
 from oauthproxy.console.views import health, landing, metrics
 from oauthproxy.gateway.views import gateway
@@ -72,8 +73,8 @@ urlpatterns = [
     path("oauth/<str:slug>/consent", consent.consent, name="oauth-consent"),
     path("oauth/<str:slug>/callback", callback.callback, name="oauth-callback"),
     # Tokens: RFC 6749/7636 token, RFC 7009 revocation, RFC 7662 introspection.
-    path("oauth/<str:slug>/token", token.token, name="oauth-token"),
-    path("oauth/<str:slug>/revoke", token.revoke, name="oauth-revoke"),
+    path("oauth/<str:slug>/token", TokenApi.as_view(), name="oauth-token"),
+    path("oauth/<str:slug>/revoke", RevocationApi.as_view(), name="oauth-revoke"),
     path("oauth/<str:slug>/introspect", IntrospectApi.as_view(), name="oauth-introspect"),
     # The public keys of the server's identity assertions (X-Identity-Assertion).
     path("oauth/<str:slug>/jwks.json", IdentityJwksApi.as_view(), name="oauth-jwks"),

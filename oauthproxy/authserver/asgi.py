@@ -121,8 +121,6 @@ def _program_response(request: ASGIRequest, match: ResolverMatch) -> HttpRespons
     try:
         request.get_host()  # ALLOWED_HOSTS (DisallowedHost: 400, logged as Django does)
         response = match.func(request, *match.args, **match.kwargs)
-        if callable(getattr(response, "render", None)):  # DRF's Response
-            response = response.render()
     except (BadRequest, UnicodeDecodeError, LookupError):  # a body Django cannot decode: RFC error, not HTML
         response = oauth_error_response(InvalidRequest("The request body could not be decoded."))
     except Exception as exc:

@@ -172,9 +172,9 @@ def _client_key(client_id: str) -> str:
     return client_id if len(client_id) <= 200 else hashlib.sha256(client_id.encode()).hexdigest()
 
 
-def _json_headers(*, server: McpServer | None, status: int) -> dict[str, str]:
+def _json_headers(*, server: McpServer, status: int) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", "Pragma": "no-cache"}
-    if status == 401 and server is not None:
+    if status == 401:
         # RFC 6749 §5.2: the client authentication scheme, not the Bearer challenge oauthlib adds.
         headers["WWW-Authenticate"] = f'Basic realm="{server.issuer_url}"'
     elif status == 503:
@@ -182,7 +182,7 @@ def _json_headers(*, server: McpServer | None, status: int) -> dict[str, str]:
     return headers
 
 
-def oauth_error_endpoint_response(exc: OAuthError, *, server: McpServer | None) -> EndpointResponse:
+def oauth_error_endpoint_response(exc: OAuthError, *, server: McpServer) -> EndpointResponse:
     headers = _json_headers(server=server, status=exc.status)
     if retry_after := getattr(exc, "retry_after", None):
         headers["Retry-After"] = str(retry_after)

@@ -78,7 +78,7 @@ def test_token_errors_keep_their_rfc_6749_shape(server, handler_threads):
 
 def test_a_database_outage_is_a_json_503_with_retry_after(server):
     with mock.patch(
-        "oauthproxy.authserver.views.token.server_get_enabled", side_effect=OperationalError("too many clients")):
+        "oauthproxy.authserver.views.protocol.server_get_enabled", side_effect=OperationalError("too many clients")):
         response = asgi_request(
             "POST", f"/oauth/{server.slug}/token", content=b"grant_type=refresh_token&refresh_token=x&client_id=y",
             headers={"Content-Type": "application/x-www-form-urlencoded"},
@@ -90,7 +90,7 @@ def test_a_database_outage_is_a_json_503_with_retry_after(server):
 
 def test_an_unexpected_error_is_a_500_without_details(server, caplog):
     with mock.patch(
-        "oauthproxy.authserver.views.token.server_get_enabled", side_effect=RuntimeError("secret-ish detail")):
+        "oauthproxy.authserver.views.protocol.server_get_enabled", side_effect=RuntimeError("secret-ish detail")):
         response = asgi_request(
             "POST", f"/oauth/{server.slug}/token", content=b"grant_type=refresh_token",
             headers={"Content-Type": "application/x-www-form-urlencoded"},

@@ -72,7 +72,7 @@ def test_a_syntax_error_at_an_endpoint_is_a_500_with_its_traceback_logged(server
                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
 
     caplog.set_level(logging.ERROR)
-    with mock.patch("oauthproxy.authserver.views.token.server_get_enabled", side_effect=_failing_view_part):
+    with mock.patch("oauthproxy.authserver.views.protocol.server_get_enabled", side_effect=_failing_view_part):
         response = asyncio.run(call())
     assert response.status_code == 500
     assert "Retry-After" not in response.headers

@@ -10,26 +10,21 @@ from oauthproxy.authserver.tokens import (
     introspection_credential_authenticate,
     token_introspect,
 )
-from oauthproxy.authserver.views.metadata import OpenProtocolApi
-from oauthproxy.core.exceptions import InvalidClient, InvalidRequest, oauth_error_response
+from oauthproxy.authserver.views.protocol import ProtocolEndpoint
+from oauthproxy.core.exceptions import InvalidClient, InvalidRequest, OAuthError
 from oauthproxy.core.ratelimit import rate_limit_hit
 
 
-class IntrospectApi(OpenProtocolApi):
-    cors_allow_methods = "POST, OPTIONS"
-
+class IntrospectApi(ProtocolEndpoint):
     def post(self, request, slug: str):
         server = self.server_get(slug)
-        try:
-            params = dict(form_read(request._request, allowed=INTROSPECTION_PARAMETERS))
-            credential = introspection_credential_authenticate(
-                server=server,
-                authorization=request.META.get("HTTP_AUTHORIZATION"),
-                client_id=params.get("client_id"),
-                client_secret=params.get("client_secret"),
-            )
-        except InvalidClient as exc:
-            return oauth_error_response(exc, headers={"WWW-Authenticate": f'Basic realm="{server.issuer_url}"'})
+        params = dict(form_read(request, allowed=INTROSPECTION_PARAMETERS))
+        credential = introspection_credential_authenticate(
+            server=server,
+            authorization=request.META.get("HTTP_AUTHORIZATION"),
+            client_id=params.get("client_id"),
+            client_secret=params.get("client_secret"),
+        )
         rate_limit_hit(name="introspect:credential", key=f"{server.slug}:{credential.client_id}")
         token = params.get("token")
         if not token:
@@ -38,3 +33,9 @@ class IntrospectApi(OpenProtocolApi):
         response["Cache-Control"] = "no-store"
         response["Pragma"] = "no-cache"
         return response
+
+    def challenge(self, exc: OAuthError) -> str | None:
+        """RFC 6749 §5.2: a failed client authentication names the Basic scheme and this server's realm."""
+        if isinstance(exc, InvalidClient):
+            return f'Basic realm="{self.server.issuer_url}"'
+        return None

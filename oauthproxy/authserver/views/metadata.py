@@ -6,89 +6,30 @@
   partial one makes OpenID clients choke. Clients fall back to RFC 8414 (the MCP specification's order).
 - RFC 9728 protected resource metadata for the server's MCP endpoint.
 
-Both are public and cacheable, and carry ``Access-Control-Allow-Origin: *`` because browser-based MCP
-clients (the MCP Inspector, web IDEs) fetch them cross-origin.
+Both are public and cacheable; browser-based MCP clients (the MCP Inspector, web IDEs) fetch them
+cross-origin (``ProtocolEndpoint``'s CORS).
 """
 
-from django.http import HttpResponse, JsonResponse
-from rest_framework.negotiation import BaseContentNegotiation
-from rest_framework.permissions import AllowAny
-from rest_framework.renderers import JSONRenderer
-from rest_framework.views import APIView
+from django.http import JsonResponse
 
 from oauthproxy.authserver.client_auth import ALGORITHMS, PRIVATE_KEY_JWT
-from oauthproxy.core.exceptions import OAuthError
+from oauthproxy.authserver.views.protocol import ProtocolEndpoint, ServerNotFound
 from oauthproxy.core.identity import identity_jwks
-from oauthproxy.core.servers import server_get_enabled
 from oauthproxy.models import McpServer
-from oauthproxy.models.servers import SLUG_RE
 
 METADATA_CACHE_CONTROL = "public, max-age=300"
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, MCP-Protocol-Version"
 CLIENT_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post", PRIVATE_KEY_JWT]
 RESOURCE_SERVER_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 
 
-class ServerNotFound(OAuthError):
-    """Unknown or disabled MCP server: 404 ``{"error": "not_found"}``."""
-
-    error = "not_found"
-    status = 404
-
-
-class _JsonWhateverTheAcceptHeader(BaseContentNegotiation):
-    """OAuth endpoints answer JSON; a browser's ``Accept: text/html`` must not get a 406 or an HTML page."""
-
-    def select_parser(self, request, parsers):
-        return parsers[0] if parsers else None
-
-    def select_renderer(self, request, renderers, format_suffix=None):
-        return renderers[0], renderers[0].media_type
-
-
-class OpenProtocolApi(APIView):
-    """Base of the open OAuth protocol endpoints (metadata, registration).
-
-    No session or token authentication (and so no CSRF: these are called by programs, without cookies),
-    JSON only, CORS for browser-based clients (never with credentials), and no place in the management
-    API's OpenAPI schema.
-    """
-
-    authentication_classes = ()
-    permission_classes = (AllowAny,)
-    renderer_classes = (JSONRenderer,)
-    content_negotiation_class = _JsonWhateverTheAcceptHeader
-    schema = None
-    cors_allow_methods = "GET, OPTIONS"
-
-    def options(self, request, *args, **kwargs):
-        return HttpResponse(status=204)
-
-    def finalize_response(self, request, response, *args, **kwargs):
-        response = super().finalize_response(request, response, *args, **kwargs)
-        response["Access-Control-Allow-Origin"] = "*"
-        if request.method == "OPTIONS":
-            response["Access-Control-Allow-Methods"] = self.cors_allow_methods
-            response["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-            response["Access-Control-Max-Age"] = "86400"
-        return response
-
-    @staticmethod
-    def server_get(slug: str) -> McpServer:
-        server = server_get_enabled(slug=slug) if SLUG_RE.fullmatch(slug) else None
-        if server is None:
-            raise ServerNotFound()
-        return server
-
-
-class AuthorizationServerMetadataApi(OpenProtocolApi):
+class AuthorizationServerMetadataApi(ProtocolEndpoint):
     """RFC 8414 at ``/.well-known/oauth-authorization-server/oauth/<slug>`` and the OpenID locations."""
 
     def get(self, request, slug: str):
         return _metadata_response(authorization_server_metadata(server=self.server_get(slug)))
 
 
-class OpenIdConfigurationApi(OpenProtocolApi):
+class OpenIdConfigurationApi(ProtocolEndpoint):
     """``/.well-known/openid-configuration/oauth/<slug>`` and ``/oauth/<slug>/.well-known/openid-configuration``:
     404 for every server (see the module docstring); RFC 8414 is the source of truth."""
 
@@ -102,7 +43,7 @@ class OpenIdConfigurationNotServed(ServerNotFound):
                          "/.well-known/oauth-authorization-server/oauth/<slug> (RFC 8414).")
 
 
-class IdentityJwksApi(OpenProtocolApi):
+class IdentityJwksApi(ProtocolEndpoint):
     """``/oauth/<slug>/jwks.json``: the public keys of the server's identity assertions (RFC 7517)."""
 
     def get(self, request, slug: str):
@@ -112,7 +53,7 @@ class IdentityJwksApi(OpenProtocolApi):
         return response
 
 
-class ProtectedResourceMetadataApi(OpenProtocolApi):
+class ProtectedResourceMetadataApi(ProtocolEndpoint):
     """RFC 9728 at ``/.well-known/oauth-protected-resource/mcp/<slug>``."""
 
     def get(self, request, slug: str):

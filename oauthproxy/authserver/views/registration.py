@@ -6,9 +6,6 @@ from urllib.parse import quote
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
-from django.utils.decorators import method_decorator
-from django.views import View
-from django.views.decorators.csrf import csrf_exempt
 from oauth2_provider.utils import parse_bearer_token
 
 from oauthproxy.authserver.registration import (
@@ -17,9 +14,9 @@ from oauthproxy.authserver.registration import (
     client_registration_delete,
     client_registration_update,
 )
-from oauthproxy.authserver.views.metadata import CORS_ALLOW_HEADERS, OpenProtocolApi
+from oauthproxy.authserver.views.protocol import ProtocolEndpoint
 from oauthproxy.core import metrics
-from oauthproxy.core.exceptions import InvalidClientMetadata, InvalidToken, OAuthError, oauth_error_response
+from oauthproxy.core.exceptions import InvalidClientMetadata, InvalidToken, OAuthError
 from oauthproxy.core.ratelimit import client_ip, rate_limit_hit
 from oauthproxy.models import Client
 
@@ -30,41 +27,12 @@ class RegistrationTokenMissing(InvalidToken):
     """No Bearer credentials at all: RFC 6750 §3.1 challenges without an error code."""
 
 
-class _RegistrationApi(OpenProtocolApi):
-    def handle_exception(self, exc):
-        response = super().handle_exception(exc)
-        if isinstance(exc, RegistrationTokenMissing):
-            response["WWW-Authenticate"] = "Bearer"
-        elif isinstance(exc, InvalidToken):
-            response["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-        return response
+class ClientRegisterApi(ProtocolEndpoint):
+    """RFC 7591 §3: open registration, rate-limited per server and caller address."""
 
-
-@method_decorator(csrf_exempt, name="dispatch")
-class ClientRegisterApi(View):
-    """RFC 7591 §3: open registration, rate-limited per server and caller address.
-
-    A plain Django view rather than DRF's ``APIView`` (registration is the hottest open endpoint and DRF's
-    request wrapping, negotiation and policy checks buy it nothing), answering exactly as the other open
-    protocol endpoints do: JSON, RFC-shaped errors, CORS without credentials. It reads nothing that
-    middleware provides (no session, user, CSRF token or messages), so it may be served past the middleware
-    stack.
-    """
-
-    http_method_names = ["post", "options"]
-    cors_allow_methods = "POST, OPTIONS"
-
-    def dispatch(self, request, *args, **kwargs):
-        try:
-            response = super().dispatch(request, *args, **kwargs)
-        except OAuthError as exc:
-            response = oauth_error_response(exc)
-        response["Access-Control-Allow-Origin"] = "*"
-        response["Allow"] = self.cors_allow_methods
-        return response
 
     def post(self, request, slug: str):
-        server = OpenProtocolApi.server_get(slug)
+        server = self.server_get(slug)
         try:
             rate_limit_hit(name="register:ip", key=f"{server.slug}:{client_ip(request)}")
             registration = client_register(server=server, data=_json_object(request), remote_addr=client_ip(request))
@@ -79,21 +47,10 @@ class ClientRegisterApi(View):
         )
         return _no_store(JsonResponse(body, status=201))
 
-    def options(self, request, *args, **kwargs):
-        response = HttpResponse(status=204)
-        response["Access-Control-Allow-Methods"] = self.cors_allow_methods
-        response["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-        response["Access-Control-Max-Age"] = "86400"
-        return response
 
-    def http_method_not_allowed(self, request, *args, **kwargs):
-        raise OAuthError(f"{request.method} is not allowed here: register with POST.", status=405)
-
-
-class ClientConfigurationApi(_RegistrationApi):
+class ClientConfigurationApi(ProtocolEndpoint):
     """RFC 7592: read, replace or delete a registration with its registration access token."""
 
-    cors_allow_methods = "GET, PUT, DELETE, OPTIONS"
 
     def get(self, request, slug: str, client_id: str):
         client, token = self._authenticate(request, slug, client_id)
@@ -108,6 +65,14 @@ class ClientConfigurationApi(_RegistrationApi):
         client, _token = self._authenticate(request, slug, client_id)
         client_registration_delete(client=client)
         return _no_store(HttpResponse(status=204))
+
+    def challenge(self, exc: OAuthError) -> str | None:
+        """RFC 6750 §3: the Bearer challenge, with ``invalid_token`` once a token was sent."""
+        if isinstance(exc, RegistrationTokenMissing):
+            return "Bearer"
+        if isinstance(exc, InvalidToken):
+            return 'Bearer error="invalid_token"'
+        return None
 
     def _authenticate(self, request, slug: str, client_id: str) -> tuple[Client, str]:
         server = self.server_get(slug)
