@@ -14,9 +14,11 @@ from proxy_site.settings.production import *  # noqa: F401,F403
 
 OAUTHPROXY = {  # noqa: F405
     **OAUTHPROXY,  # noqa: F405
-    "RATE_LIMITS": {
+    "RATE_LIMITS": {  # every limit of oauthproxy.core.ratelimit.DEFAULT_LIMITS (tests/core/test_ratelimit.py)
         "register:ip": (10**9, 60),
+        "authorize:source": (10**9, 60),
         "authorize:client": (10**9, 60),
+        "token:source": (10**9, 60),
         "token:client": (10**9, 60),
         "token:ip": (10**9, 60),
         "introspect:credential": (10**9, 60),
