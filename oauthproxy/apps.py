@@ -26,6 +26,11 @@ class OAuthProxyConfig(AppConfig):
 
         invalidation_handler_register(gateway_invalidation_handle)
         invalidation_handler_register(lambda kind, key: server_cache_clear() if kind == "server" else None)
+        from oauthproxy.core.destinations import destination_policies_clear
+
+        invalidation_handler_register(
+            lambda kind, key: destination_policies_clear() if kind == "destinations" else None
+        )
 
         def server_changed(*, instance, **_kwargs):
             invalidation_publish(kind="server", key=instance.slug)
@@ -44,6 +49,14 @@ class OAuthProxyConfig(AppConfig):
         post_save.connect(client_changed, sender=client_model, weak=False, dispatch_uid="oauthproxy.inval.client.save")
         post_delete.connect(client_changed, sender=client_model, weak=False, dispatch_uid="oauthproxy.inval.client.del")
         post_save.connect(session_saved, sender=session_model, weak=False, dispatch_uid="oauthproxy.inval.session")
+
+        def destinations_changed(**_kwargs):
+            destination_policies_clear()  # here at once (as the server cache), the other processes on commit
+            invalidation_publish(kind="destinations", key="*")
+
+        rule_model = self.get_model("DestinationRule")
+        for signal, uid in ((post_save, "oauthproxy.inval.rule.save"), (post_delete, "oauthproxy.inval.rule.del")):
+            signal.connect(destinations_changed, sender=rule_model, weak=False, dispatch_uid=uid)
         post_delete.connect(
             lambda *, instance, **_kw: invalidation_publish(kind="session", key=str(instance.pk)),
             sender=session_model, weak=False, dispatch_uid="oauthproxy.inval.session.del",

@@ -5,6 +5,7 @@ from django.contrib.auth.models import User
 
 from oauthproxy.authserver.tokens import _recently_touched
 from oauthproxy.core.caching import client_cache_clear, server_cache_clear
+from oauthproxy.core.destinations import destination_policies_clear
 from oauthproxy.models import McpServer
 
 UPSTREAM = "https://idp.example.com"
@@ -45,10 +46,12 @@ def _per_process_caches_cleared():
     (nor the record of a row's ``last_used`` stamp: SQLite hands a rolled-back primary key out again)."""
     server_cache_clear()
     client_cache_clear()
+    destination_policies_clear()
     _recently_touched.clear()
     yield
     server_cache_clear()
     client_cache_clear()
+    destination_policies_clear()
     _recently_touched.clear()
 
 

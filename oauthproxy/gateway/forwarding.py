@@ -23,6 +23,7 @@ from urllib.parse import quote
 import aiohttp
 
 from oauthproxy.core import caching
+from oauthproxy.core.destinations import destination_policies_clear
 from oauthproxy.core.exceptions import InvalidToken, UpstreamError
 from oauthproxy.core.http import (  # noqa: F401 (proxy_site.asgi's lifespan imports it from here)
     HTTP_ERRORS,
@@ -41,7 +42,7 @@ from oauthproxy.gateway.auth import (
 )
 from oauthproxy.gateway.identity import gateway_identity_headers, identity_caches_clear
 from oauthproxy.gateway.mcp_sessions import mcp_session_id_open, mcp_session_id_seal
-from oauthproxy.gateway.servers import GatewayServer, gateway_destination_policy, gateway_destination_policy_clear
+from oauthproxy.gateway.servers import GatewayServer, gateway_destination_policy
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def gateway_caches_clear() -> None:
     caching.servers.clear()
     gateway_auth_caches_clear()
     identity_caches_clear()
-    gateway_destination_policy_clear()
+    destination_policies_clear()
 
 
 # -- forwarding --------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import aiohttp
 from django.utils.module_loading import import_string
 from yarl import URL
 
-from oauthproxy.core.caching import MISS, SingleFlight, TTLCache
-from oauthproxy.core.destinations import team_destination_policy
+from oauthproxy.core.caching import MISS, SingleFlight
+from oauthproxy.core.destinations import team_destination_policy_cached, team_destination_policy_peek
 from oauthproxy.core.http import UNRESTRICTED, DestinationPolicy, origin_of
 from oauthproxy.core.servers import server_view_cached, server_view_load
 from oauthproxy.core.settings import proxy_settings
@@ -112,31 +112,21 @@ def gateway_server_snapshot(server: McpServer) -> GatewayServer:
     )
 
 
-_policies: TTLCache[DestinationPolicy] = TTLCache(maxsize=1000)
 _policy_loads = SingleFlight()
 
 
 async def gateway_destination_policy(server: GatewayServer) -> DestinationPolicy:
     """Where *server*'s mcp_url may lead: anywhere when a superuser saved it, else its team's policy, read
-    once per ``SERVER_CACHE_SECONDS`` per team (the pool checks it when a connection is opened)."""
+    once per ``SERVER_CACHE_SECONDS`` per team (``core.destinations``; the pool checks it when a connection
+    is opened)."""
     if server.mcp_url_trusted:
         return UNRESTRICTED
-    policy = _policies.get(server.team_id)
+    policy = team_destination_policy_peek(team_id=server.team_id)
     if policy is None:
         policy = await _policy_loads.run(("destinations", server.team_id), lambda: run_in_db_thread(
-            _team_policy_load, team_id=server.team_id, cache_load=True
+            team_destination_policy_cached, team_id=server.team_id, cache_load=True
         ))
     return policy
-
-
-def _team_policy_load(*, team_id: int | None) -> DestinationPolicy:
-    policy = team_destination_policy(team_ids=[team_id] if team_id else [])
-    _policies.set(team_id, policy, ttl=float(proxy_settings.SERVER_CACHE_SECONDS))
-    return policy
-
-
-def gateway_destination_policy_clear() -> None:
-    _policies.clear()
 
 
 def _parse_mcp_url(mcp_url: str) -> tuple[URL | None, str]:

@@ -65,7 +65,7 @@ def _request(
     started = time.perf_counter()
     try:
         response = outbound_fetch(
-            method, url, policy=server_destination_policy(server=server), timeout=upstream_deadline(),
+            method, url, policy=server_destination_policy(server=server, cached=True), timeout=upstream_deadline(),
             connect_timeout=proxy_settings.UPSTREAM_CONNECT_TIMEOUT,
             read_timeout=proxy_settings.UPSTREAM_READ_TIMEOUT,
             max_bytes=proxy_settings.UPSTREAM_MAX_RESPONSE_BYTES if read_body else 0, **kwargs,
@@ -387,7 +387,8 @@ class UpstreamClient:
             return cached
         try:
             _url, data = upstream_metadata_fetch(
-                issuer=self.server.issuer, policy=server_destination_policy(server=self.server), server=self.server.slug
+                issuer=self.server.issuer, policy=server_destination_policy(server=self.server, cached=True),
+                server=self.server.slug,
             )
         except DiscoveryError as exc:
             raise UpstreamError(f"upstream discovery failed: {exc.reason}", oauth_error="server_error")

@@ -16,7 +16,9 @@ from django.core.management import call_command
 
 from oauthproxy.console.forms import McpServerForm
 from oauthproxy.console.servers import server_save
+from oauthproxy.core.exceptions import UpstreamError
 from oauthproxy.models import AuditEvent, DestinationRule, McpServer
+from oauthproxy.upstream.client import UpstreamClient
 from tests.conftest import UPSTREAM, make_server
 from tests.console.test_api import API, SECRET, api_as
 from tests.listener import BobsHost, closed_port
@@ -188,6 +190,26 @@ class TestDestinationPolicy:
         token = next(r for r in body["results"] if r["name"] == "Client credential at the token endpoint")
         assert token["status"] == "error" and "not allowed" in token["detail"]
         assert bobs_host.connections == 0
+
+    def test_calls_made_while_serving_read_the_rules_once_and_a_saved_rule_at_once(
+        self, bobs_server, team_b, bobs_host, django_assert_num_queries
+    ):
+        """The upstream calls of a login or refresh take the team's rules from the process's cache (no query
+        per call); a rule a platform admin saves applies to the next call."""
+        McpServer.objects.filter(slug="bobs").update(token_endpoint=bobs_host.url + "/token")  # stored before
+        client = UpstreamClient(McpServer.objects.get(slug="bobs"))
+        with pytest.raises(UpstreamError) as refused:
+            client.refresh(refresh_token="rt")
+        assert "not allowed" in refused.value.reason
+        with django_assert_num_queries(0), pytest.raises(UpstreamError):
+            client.refresh(refresh_token="rt")
+        assert bobs_host.connections == 0
+
+        DestinationRule.objects.create(team=team_b, pattern="127.0.0.1")
+        with pytest.raises(UpstreamError) as answered:  # bob's host answers {}: no access_token in it
+            client.refresh(refresh_token="rt")
+        assert "not allowed" not in answered.value.reason
+        assert bobs_host.connections == 1
 
     def test_rules_are_for_platform_admins(self, bob, team_b):
         api = api_as(bob)

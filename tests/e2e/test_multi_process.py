@@ -16,9 +16,11 @@ import pytest
 
 try:  # importable both as a top-level module (pytest rootdir insertion) and as a package module
     import harness
+    from conftest import server_document
     from harness import bearer_of, sleep_until, tool_text
 except ImportError:  # pragma: no cover
     from tests.e2e import harness
+    from tests.e2e.conftest import server_document
     from tests.e2e.harness import bearer_of, sleep_until, tool_text
 
 pytestmark = [
@@ -183,3 +185,68 @@ def test_revocation_reaches_the_other_process_within_a_second(make_cluster):
     print(f"revocation reached the other process within {first_refusal * 1000:.0f} ms: {results}")
     assert first_refusal < 1.0
     assert all(status == 401 for started, status in results if started >= 1.0), results
+
+
+POLICY_SERVER = {"scopes": ["openid", "profile", "email", "offline_access", "groups"],
+                 "access": {"groups": ["crm-users"]}}
+
+
+def first_change_within(urls: list[str], *, since: float, changed, within: float = 6.0) -> list[float]:
+    """Probe each URL every 50 ms (from threads: a slow answer does not hold back the next probe) until
+    ``changed(response)``; the delays after `since`, one per URL."""
+    def watch(url: str) -> float:
+        while True:
+            started = time.monotonic() - since
+            if changed(url):
+                return started
+            assert started < within, f"{url}: no change within {within} s"
+            time.sleep(0.05)
+
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        return list(pool.map(watch, urls))
+
+
+def test_a_policy_change_reaches_every_process_within_a_second(make_cluster):
+    """Issue 14: an operator's policy change, saved by another process (``manage.py import_servers``), reaches
+    the gateways of both serving processes, whose server caches are warm, within a second (the invalidation
+    channel), not only after SERVER_CACHE_SECONDS: first a tool policy, then a narrower access policy."""
+    cluster = make_cluster(processes=2, idp_config={"account_groups": {"alice": ["crm-users"]}}, server=POLICY_SERVER)
+    client = cluster.client()
+
+    async def login():
+        return tool_text(await client.call_tool("whoami"))
+
+    assert anyio.run(login) == "alice"
+    gateways = [f"{p.direct_url}/mcp/{cluster.slug}" for p in cluster.processes]
+    headers = {"Authorization": f"Bearer {client.storage.tokens.access_token}",
+               "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}}
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "admin_reset", "arguments": {}}}
+
+    def refused_by_the_gateway(url: str) -> bool:  # the gateway's own JSON-RPC error: never forwarded
+        response = httpx.post(url, json=call, headers=headers, timeout=30)
+        return response.status_code == 200 and response.headers["content-type"].startswith("application/json") \
+            and response.json().get("error", {}).get("code") == -32001
+
+    def token_refused(url: str) -> bool:
+        return httpx.post(url, json=initialize, headers=headers, timeout=30).status_code == 401
+
+    for url in gateways:  # both caches warm: the server's snapshot (no tool policy yet) and the token
+        assert httpx.post(url, json=initialize, headers=headers, timeout=30).status_code == 200
+        assert not refused_by_the_gateway(url)
+
+    documents = {**POLICY_SERVER, "tool_policy": [{"tools": ["admin_*"], "groups": ["crm-admins"]}]}
+    cluster.deployment.import_servers([server_document(cluster.idp, cluster.mcp, **documents)])
+    saved = time.monotonic()
+    delays = first_change_within(gateways, since=saved, changed=refused_by_the_gateway)
+    print(f"tool policy reached the processes after {[round(d * 1000) for d in delays]} ms")
+    assert max(delays) < 1.0, delays
+    assert cluster.mcp.stats()["tool_calls"] == []  # no refused call reached the internal server
+
+    documents["access"] = {"groups": ["crm-admins"]}
+    cluster.deployment.import_servers([server_document(cluster.idp, cluster.mcp, **documents)])
+    saved = time.monotonic()
+    delays = first_change_within(gateways, since=saved, changed=token_refused)
+    print(f"access policy reached the processes after {[round(d * 1000) for d in delays]} ms")
+    assert max(delays) < 1.0, delays
