@@ -6,6 +6,7 @@ spelled with JSON escapes), policy changes reaching existing sessions from the c
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import anyio
@@ -149,6 +150,16 @@ def _canned(content_type: bytes, body: bytes) -> CannedHttpServer:
     )
 
 
+@contextmanager
+def behind_the_policy(internal: CannedHttpServer):
+    """The grant of a user in sales (not admins) on server "paged", whose internal server is *internal*."""
+    try:
+        server = make_server(slug="paged", mcp_url=internal.url, tool_policy=ADMIN_ONLY)
+        yield with_claims(make_grant(server), groups=["sales"])
+    finally:
+        internal.stop()
+
+
 PAGE = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "echo"}, {"name": "admin_reset"}],
                                               "nextCursor": "page-2"}}
 
@@ -157,13 +168,8 @@ def test_a_paginated_sse_page_is_filtered_and_keeps_its_cursor(transactional_db,
     progress = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "x"}}
     body = (b"event: message\ndata: " + json.dumps(progress).encode() + b"\n\n"
             + b"id: ev-1\nevent: message\ndata: " + json.dumps(PAGE).encode() + b"\n\n")
-    canned = _canned(b"text/event-stream", body)
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    with behind_the_policy(_canned(b"text/event-stream", body)) as grant:
         response = post(gateway_url("paged"), grant, rpc("tools/list", {"cursor": "page-1"}, id=3))
-    finally:
-        canned.stop()
     assert response.status_code == 200
     found = messages(response)
     assert found[0] == progress  # other events pass as they are
@@ -173,13 +179,8 @@ def test_a_paginated_sse_page_is_filtered_and_keeps_its_cursor(transactional_db,
 
 def test_a_large_streamed_json_answer_is_filtered(transactional_db, proxy, gateway_url, monkeypatch):
     monkeypatch.setattr(forwarding, "BUFFERED_RESPONSE_BYTES", 10)  # not read whole by the forwarder
-    canned = _canned(b"application/json", json.dumps(PAGE).encode())
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    with behind_the_policy(_canned(b"application/json", json.dumps(PAGE).encode())) as grant:
         response = post(gateway_url("paged"), grant, rpc("tools/list", {}, id=3))
-    finally:
-        canned.stop()
     assert response.json()["result"] == {"tools": [{"name": "echo"}], "nextCursor": "page-2"}
 
 
@@ -187,15 +188,10 @@ def test_batch_with_a_refused_call_goes_on_without_it_and_answers_are_merged(
     transactional_db, proxy, gateway_url
 ):
     answer = [PAGE, {"jsonrpc": "2.0", "id": 4, "result": {"content": []}}]
-    canned = _canned(b"application/json", json.dumps(answer).encode())
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    with behind_the_policy(_canned(b"application/json", json.dumps(answer).encode())) as grant:
         batch = [rpc("tools/list", {}, id=3), rpc("tools/call", {"name": "echo"}, id=4),
                  rpc("tools/call", {"name": "admin_reset"}, id=5)]
         response = post(gateway_url("paged"), grant, batch)
-    finally:
-        canned.stop()
     answers = {a["id"]: a for a in response.json()}
     assert answers[3]["result"]["tools"] == [{"name": "echo"}]
     assert "result" in answers[4]
@@ -290,14 +286,9 @@ def test_the_standalone_get_stream_is_filtered_whatever_the_line_endings(
 ):
     notice = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
     answer = {**PAGE, "id": "not-a-request-the-gateway-saw"}
-    canned = _canned(b"text/event-stream", _sse(notice, answer, end=end, eol=eol))
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    with behind_the_policy(_canned(b"text/event-stream", _sse(notice, answer, end=end, eol=eol))) as grant:
         response = httpx.get(gateway_url("paged"), headers={**ACCEPT, **grant.auth, "Last-Event-ID": "e0"},
                              timeout=10)
-    finally:
-        canned.stop()
     assert response.status_code == 200
     assert "admin_reset" not in response.text
     found = messages(response)
@@ -308,14 +299,9 @@ def test_the_standalone_get_stream_is_filtered_whatever_the_line_endings(
 def test_a_tools_list_result_answering_another_request_is_filtered(transactional_db, proxy, gateway_url):
     # A POST naming no tools/ method (its id reused by a tools/list elsewhere, or 1.0 read as 1): the
     # answer is recognized by its shape.
-    canned = _canned(b"application/json", json.dumps({**PAGE, "id": 1}).encode())
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    with behind_the_policy(_canned(b"application/json", json.dumps({**PAGE, "id": 1}).encode())) as grant:
         pinged = post(gateway_url("paged"), grant, rpc("ping", id=1))
         listed = post(gateway_url("paged"), grant, {"jsonrpc": "2.0", "method": "tools/list", "id": 1.0})
-    finally:
-        canned.stop()
     assert pinged.json()["result"]["tools"] == [{"name": "echo"}]
     assert listed.json()["result"]["tools"] == [{"name": "echo"}]
 
@@ -349,13 +335,8 @@ def test_an_sse_event_split_across_chunks_is_filtered():
 
 def test_an_sse_event_naming_tools_that_cannot_be_read_is_dropped(transactional_db, proxy, gateway_url):
     broken = b'event: message\ndata: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"admin_reset"}\n\n'
-    canned = _canned(b"Text/Event-Stream", broken + _sse({"jsonrpc": "2.0", "method": "ping"}))
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    with behind_the_policy(_canned(b"Text/Event-Stream", broken + _sse({"jsonrpc": "2.0", "method": "ping"}))) as grant:
         response = httpx.get(gateway_url("paged"), headers={**ACCEPT, **grant.auth}, timeout=10)
-    finally:
-        canned.stop()
     assert "admin_reset" not in response.text
     assert messages(response) == [{"jsonrpc": "2.0", "method": "ping"}]
 
@@ -426,14 +407,10 @@ def test_a_body_naming_tools_that_the_gateway_cannot_read_is_not_forwarded(
 
 
 def test_a_compressed_answer_is_not_passed_unfiltered(transactional_db, proxy, gateway_url):
-    canned = CannedHttpServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
-                              b"Content-Length: 4\r\n\r\n\x1f\x8b\x08\x00")
-    try:
-        server = make_server(slug="paged", mcp_url=canned.url, tool_policy=ADMIN_ONLY)
-        grant = with_claims(make_grant(server), groups=["sales"])
+    gzipped = CannedHttpServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                               b"Content-Length: 4\r\n\r\n\x1f\x8b\x08\x00")
+    with behind_the_policy(gzipped) as grant:
         response = post(gateway_url("paged"), grant, rpc("tools/list", {}, id=3))
-    finally:
-        canned.stop()
     assert response.status_code == 502
 
 
