@@ -21,6 +21,7 @@ from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
 
+from oauthproxy.authserver.known_clients import client_admitted
 from oauthproxy.authserver.redirect_uris import redirect_uris_validate
 from oauthproxy.core.audit import audit_event, audit_logged, audit_record
 from oauthproxy.core.crypto import token_checksum
@@ -169,8 +170,6 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
             "This server does not accept registrations: its administrator pre-registers clients. "
             "Ask them for a client ID."
         )
-    from oauthproxy.authserver.known_clients import client_admitted
-
     if not client_admitted(server=server, client_id="", redirect_uris=metadata.redirect_uris, preregistered=False):
         raise InvalidClientMetadata(
             "This server accepts registrations from the known MCP clients only (by their redirect URIs); "
@@ -178,15 +177,7 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
         )
     client_registration_capacity_check(server=server, expire_unused_first=True)
 
-    client_secret = _client_secret_generate() if metadata.is_confidential else None
-    client = Client(
-        server=server,
-        registration_source=Client.RegistrationSource.DCR,
-        user=None,
-        client_id=_client_id_generate(),
-        client_secret=client_secret or "",  # hashed by ClientSecretField on save
-    )
-    client_metadata_apply(client=client, metadata=metadata)
+    client, client_secret = _client_new(server=server, metadata=metadata, source=Client.RegistrationSource.DCR)
     registration_access_token = _registration_token_issue(client)
     event = audit_event(
         kind=AuditEvent.Kind.CLIENT_REGISTERED,
@@ -212,6 +203,16 @@ def client_register(*, server: McpServer, data: dict, remote_addr: str = "") -> 
     )
 
 
+def _client_new(*, server: McpServer, metadata: ClientMetadata, source: str) -> tuple[Client, str | None]:
+    """An unsaved client with a new client ID and, when confidential, a new secret (returned in clear once,
+    hashed by ``ClientSecretField`` on save)."""
+    client_secret = _client_secret_generate() if metadata.is_confidential else None
+    client = Client(server=server, registration_source=source, user=None, client_id=_client_id_generate(),
+                    client_secret=client_secret or "")
+    client_metadata_apply(client=client, metadata=metadata)
+    return client, client_secret
+
+
 def client_preregister(
     *,
     server: McpServer,
@@ -232,15 +233,7 @@ def client_preregister(
         server=server,
         data={"redirect_uris": redirect_uris, "client_name": name, "token_endpoint_auth_method": method},
     )
-    client_secret = _client_secret_generate() if confidential else None
-    client = Client(
-        server=server,
-        registration_source=Client.RegistrationSource.MANUAL,
-        user=None,
-        client_id=_client_id_generate(),
-        client_secret=client_secret or "",  # hashed by ClientSecretField on save
-    )
-    client_metadata_apply(client=client, metadata=metadata)
+    client, client_secret = _client_new(server=server, metadata=metadata, source=Client.RegistrationSource.MANUAL)
     with transaction.atomic():
         client.save()
         audit_record(

@@ -1,9 +1,19 @@
-"""Fixtures shared by the browser-facing view tests (authorize, consent, callback)."""
+"""Fixtures shared by the authorization server tests."""
 
 import pytest
+from django.core.cache import cache
 from django.test import Client as HttpClient
 
 from tests.flows.helpers import make_client
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Rate-limit windows, quota counters, failure backoffs, cached upstream discovery, JWKS and metadata
+    documents (all in the cache) start empty in every test."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture

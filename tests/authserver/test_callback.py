@@ -10,7 +10,6 @@ from urllib.parse import unquote
 import pytest
 import requests
 import responses
-from django.core.cache import cache
 from django.db import connection
 from django.test import Client as HttpClient
 from django.utils import timezone
@@ -45,13 +44,6 @@ from tests.flows.helpers import (
 ISSUER = "https://proxy.example.test/oauth/crm"
 RESOURCE = "https://proxy.example.test/mcp/crm"
 UPSTREAM_SECRET = "upstream-secret-value-123"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()  # upstream discovery/JWKS and rate-limit counters
-    yield
-    cache.clear()
 
 
 def begin(browser, server, mcp_client, **kwargs) -> str:

@@ -9,7 +9,6 @@ import jwt
 import pytest
 import responses
 from django.contrib.auth.models import Group
-from django.core.cache import cache
 from django.db import connection
 
 from oauthproxy.core import metrics
@@ -20,13 +19,6 @@ from tests.conftest import make_server
 from tests.flows.helpers import DEFAULT_REDIRECT_URI, DEFAULT_STATE, callback, make_client, query_of, upstream_redirect
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 def id_token(server, **claims) -> str:

@@ -34,13 +34,6 @@ def document(**overrides) -> dict:
     return {k: v for k, v in doc.items() if v is not None}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()  # the failure backoff lives in the cache
-    yield
-    cache.clear()
-
-
 @pytest.fixture
 def http():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:

@@ -21,13 +21,6 @@ KNOWN_REDIRECT = "https://claude.ai/api/mcp/auth_callback"
 UNKNOWN_REDIRECT = "https://scripts.example.net/callback"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
-
-
 def body(redirect_uri: str) -> dict:
     return {"client_name": "x", "redirect_uris": [redirect_uri], "token_endpoint_auth_method": "none"}
 

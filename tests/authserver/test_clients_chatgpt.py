@@ -8,7 +8,6 @@ Also the ``private_key_jwt`` rules (RFC 7523): signature by the document's keys,
 
 import pytest
 import responses
-from django.core.cache import cache
 
 from oauthproxy.models import Client
 from tests.authserver.clients import client_assertion, connect, consent_page, new_key, serve_document
@@ -33,13 +32,6 @@ def chatgpt_document(**overrides) -> dict:
     }
     document.update(overrides)
     return {name: value for name, value in document.items() if value is not None}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 @pytest.fixture

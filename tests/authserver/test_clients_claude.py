@@ -6,7 +6,6 @@ public, loopback redirect ``http://localhost:<port>/callback``; falls back to DC
 
 import pytest
 import responses
-from django.core.cache import cache
 
 from oauthproxy.models import Client
 from tests.authserver.clients import connect, consent_page, register, serve_document
@@ -14,13 +13,6 @@ from tests.factories import basic_auth
 
 CLAUDE_REDIRECT = "https://claude.ai/api/mcp/auth_callback"
 CLAUDE_CODE_ID = "https://claude.ai/oauth/claude-code-client-metadata"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 def claude_ai_registration() -> dict:

@@ -16,7 +16,6 @@
 
 import pytest
 import responses
-from django.core.cache import cache
 
 from oauthproxy.authserver.cimd import client_resolve
 from oauthproxy.authserver.known_clients import client_known
@@ -61,13 +60,6 @@ DCR_CLIENTS = {
         "http://127.0.0.1:40123/mcp/oauth/callback", "Zed",
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 @pytest.mark.django_db

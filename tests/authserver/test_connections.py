@@ -7,7 +7,6 @@ import secrets
 import jwt
 import pytest
 import responses
-from django.core.cache import cache
 from django.test import Client as HttpClient
 
 from oauthproxy.authserver.views.connections import CONNECTIONS_COOKIE, SIGNIN_COOKIE
@@ -19,13 +18,6 @@ from tests.factories import redeem_code
 from tests.flows.helpers import authorization_flow, make_client, query_of, upstream_token_response
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 @pytest.fixture

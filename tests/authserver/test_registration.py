@@ -62,13 +62,6 @@ CLAUDE_WEB = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()  # rate-limit windows and the expiry throttle live in the cache
-    yield
-    cache.clear()
-
-
 def register(client, body, *, path=REGISTER, **extra):
     payload = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return client.post(path, data=payload, content_type=extra.pop("content_type", "application/json"), **extra)
